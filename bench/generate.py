@@ -1,0 +1,73 @@
+"""Generate N realistic bank-export rows as CSV: the benchmarks' input.
+
+1% of rows invalid (bad dates, too many decimals, unknown currencies), 1% of
+rows repeating an earlier row's id, several currencies, JSON metadata.
+
+    python bench/generate.py 1000000 bench/data/rows_1m.csv
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import polars as pl
+
+CURRENCIES = ["USD", "USD", "USD", "EUR", "GBP", "JPY", "BHD"]
+EXPONENT = {"USD": 2, "EUR": 2, "GBP": 2, "JPY": 0, "BHD": 3}
+MEMOS = ["Stripe payout", "AWS invoice", "Payroll run", "Customer wire", "Office rent", "Card refund"]
+
+
+def _noise(salt: int) -> pl.Expr:
+    """A deterministic pseudo-random non-negative integer per row (no numpy needed)."""
+    return ((pl.col("i") + salt) * 2654435761 + salt * 40503) % 4294967291
+
+
+def generate(n: int, *, id_prefix: str = "TXN") -> pl.DataFrame:
+    frame = pl.DataFrame({"i": pl.int_range(n, eager=True, dtype=pl.Int64)}).with_columns(
+        pl.lit(pl.Series(CURRENCIES)).gather(_noise(1) % len(CURRENCIES)).alias("currency"),
+        (_noise(2) % 10_000_000 - 5_000_000).alias("minor"),
+        (_noise(3) % 365).alias("day"),
+        pl.lit(pl.Series(MEMOS)).gather(_noise(4) % len(MEMOS)).alias("memo"),
+    ).with_columns(pl.col("currency").replace_strict(EXPONENT, return_dtype=pl.Int64).alias("exp"))
+    ids = pl.format("{}-{}", pl.lit(id_prefix), pl.col("i").cast(pl.String).str.zfill(9))
+    repeated = pl.col("i") % 100 == 57  # 1%: the id of the row before
+    invalid = pl.col("i") % 100 == 13  # 1%: a bad value
+    kind = pl.col("i") % 3
+    amount = (
+        pl.when(pl.col("exp") == 0)
+        .then(pl.col("minor").cast(pl.String))
+        .otherwise(
+            pl.format(
+                "{}{}.{}",
+                pl.when(pl.col("minor") < 0).then(pl.lit("-")).otherwise(pl.lit("")),
+                (pl.col("minor").abs() // (10 ** pl.col("exp"))).cast(pl.String),
+                (pl.col("minor").abs() % (10 ** pl.col("exp"))).cast(pl.String).str.zfill(pl.col("exp")),
+            )
+        )
+    )
+    return frame.select(
+        pl.when(invalid & (kind == 0))
+        .then(pl.lit("2024-02-30"))
+        .otherwise((pl.lit("2024-01-01").str.to_date() + pl.duration(days=pl.col("day"))).dt.strftime("%Y-%m-%d"))
+        .alias("date"),
+        pl.lit("bank_operating").alias("data_stream_key"),
+        pl.when(invalid & (kind == 1)).then(pl.lit("12.3456")).otherwise(amount).alias("amount"),
+        pl.when(invalid & (kind == 2)).then(pl.lit("XYZ")).otherwise(pl.col("currency")).alias("currency"),
+        pl.col("memo").alias("description"),
+        pl.when(repeated).then(ids.shift(1)).otherwise(ids).alias("external_id"),
+        pl.concat_str(pl.lit('{"account":"OPS-'), (pl.col("i") % 7).cast(pl.String), pl.lit('","batch":'),
+                      (pl.col("i") // 1000).cast(pl.String), pl.lit("}")).alias("metadata"),
+    )
+
+
+def main() -> None:
+    n = int(sys.argv[1])
+    out = Path(sys.argv[2])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    generate(n).write_csv(out)
+    print(f"wrote {n:,} rows to {out} ({out.stat().st_size / 1e6:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Benchmark: `loader run` on the local target end to end, against the floor, in one run.
+
+The floor is what the machine needs at least: a process that reads the same
+CSV with Polars and inserts it into a fresh DuckDB file in one statement. The
+loader run gets the harder job: 1% invalid rows, 1% repeated ids and half of
+the ids already in the cache (primed by an earlier, untimed run), so it
+validates, dedupes, applies the bulk semantics and writes the report.
+
+    python bench/run_local.py --rows 1000000 --trials 3
+
+Prints each figure's median, peak memory (max RSS of the process) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+OUT = HERE / "out"
+
+FLOOR = textwrap.dedent("""
+    import sys, duckdb, polars as pl
+    frame = pl.read_csv(sys.argv[1], infer_schema=False)
+    con = duckdb.connect(sys.argv[2])
+    con.execute("create table records as select * from frame")
+    con.close()
+""")
+
+PIPELINE = textwrap.dedent("""
+    version: 1
+    name: bench_local
+    source: {{path: {source}}}
+    mapping:
+      date: {{column: date}}
+      data_stream_key: {{column: data_stream_key}}
+      amount: {{column: amount, unit: major}}
+      currency: {{column: currency}}
+      description: {{column: description}}
+      external_id: {{column: external_id}}
+      metadata: {{column: metadata}}
+    dedupe: {{cache: state/cache.duckdb}}
+    target:
+      type: local
+      database: state/endclose.duckdb
+      streams: [{{key: bank_operating, name: Bank operating}}]
+    report: {{dir: reports, formats: [json, parquet]}}
+    fail_on: {{failed_rows: 100000000}}
+""")
+
+
+def timed(cmd: list[str], *, cwd: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) not in (0, 1):
+        raise SystemExit(f"{cmd} failed: {proc.stderr.read().decode() if proc.stderr else ''}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def ensure_data(rows: int) -> tuple[Path, Path]:
+    full, prime = DATA / f"rows_{rows}.csv", DATA / f"rows_{rows}_first_half.csv"
+    if not full.exists():
+        subprocess.run([sys.executable, str(HERE / "generate.py"), str(rows), str(full)], check=True)
+    if not prime.exists():
+        import polars as pl
+
+        pl.read_csv(full, infer_schema=False).head(rows // 2).write_csv(prime)
+    return full, prime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--trials", type=int, default=3)
+    args = parser.parse_args()
+    full, prime = ensure_data(args.rows)
+    work = OUT / f"local_{args.rows}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "primed").mkdir(parents=True)
+    (work / "prime.yaml").write_text(PIPELINE.format(source=prime).replace("state/", "primed/"))
+    subprocess.run([sys.executable, "-m", "loader", "run", str(work / "prime.yaml")], check=False,
+                   stdout=subprocess.DEVNULL)
+    (work / "pipeline.yaml").write_text(PIPELINE.format(source=full))
+    loader_runs, floor_runs = [], []
+    for _ in range(args.trials):
+        shutil.rmtree(work / "state", ignore_errors=True)
+        shutil.copytree(work / "primed", work / "state")
+        loader_runs.append(timed([sys.executable, "-m", "loader", "run", str(work / "pipeline.yaml")]))
+        floor_db = work / "floor.duckdb"
+        floor_db.unlink(missing_ok=True)
+        floor_runs.append(timed([sys.executable, "-c", FLOOR, str(full), str(floor_db)]))
+    loader_s = statistics.median(w for w, _ in loader_runs)
+    floor_s = statistics.median(w for w, _ in floor_runs)
+    print(f"rows: {args.rows:,} (1% invalid, 1% repeated ids, 50% already in the cache); trials: {args.trials}")
+    print(f"floor  (polars read + one DuckDB insert): {floor_s:6.2f} s  peak {max(m for _, m in floor_runs):6.0f} MB")
+    print(f"loader run, local target, end to end:    {loader_s:6.2f} s  peak {max(m for _, m in loader_runs):6.0f} MB")
+    print(f"ratio loader / floor: {loader_s / floor_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The `loader` command: parse, call the library, print, exit. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ConfigError, LoaderError
+
+EXIT_USAGE = 2
+
+
+def _fail(exc: LoaderError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a LoaderError into its one-line message and exit code."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LoaderError as exc:
+            _fail(exc)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def _vars(items: tuple[str, ...]) -> dict[str, str]:
+    from .config import parse_var_assignments
+
+    return parse_var_assignments(items)
+
+
+def _load(pipeline_file: str, var: tuple[str, ...]) -> Any:
+    from .config import load_pipeline
+
+    return load_pipeline(Path(pipeline_file), _vars(var))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="loader")
+def main() -> None:
+    """Load financial records into EndClose: map, validate, dedupe, bulk-load, report."""
+
+
+@main.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.option("--var", "var", multiple=True, metavar="K=V", help="Set ${K} in pipeline.yaml (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Stop before the target; report what would be sent.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--payloads", "payloads_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write each bulk request body, as sent, to DIR/<n>.json.")
+@_guard
+def run(pipeline_file: str, var: tuple[str, ...], dry_run: bool, as_json: bool, payloads_dir: str | None) -> None:
+    """Run the pipeline: read, map, validate, dedupe, load, and write the report."""
+    from .progress import terminal_progress
+    from .report import format_summary_text
+    from .run import run_pipeline
+
+    pipeline = _load(pipeline_file, var)
+    with terminal_progress() as on_progress:
+        result = run_pipeline(pipeline, dry_run=dry_run, on_progress=on_progress,
+                              payloads_dir=Path(payloads_dir) if payloads_dir else None)
+    if as_json:
+        click.echo(json.dumps(result.summary, indent=2, default=str))
+    else:
+        click.echo(format_summary_text(result.summary))
+        click.echo(f"report: {result.report.directory}")
+    if result.exit_code == 1:
+        click.echo(
+            f"error: {result.report.failed_rows} rows failed, more than fail_on.failed_rows "
+            f"({pipeline.fail_on.failed_rows}); see {result.report.directory / 'rows.parquet'}",
+            err=True,
+        )
+    elif result.exit_code:
+        click.echo(f"error: {result.summary.get('error')}; run the same command again to finish the job",
+                   err=True)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.option("--var", "var", multiple=True, metavar="K=V", help="Set ${K} in pipeline.yaml (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@_guard
+def validate(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
+    """Check the config, then read and validate the data. Loads nothing."""
+    from .run import validate_pipeline
+
+    pipeline = _load(pipeline_file, var)
+    result = validate_pipeline(pipeline)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        click.echo(f"config ok; {result['rows']} rows read: {result['valid']} valid, {result['invalid']} invalid")
+        for reason in result["reasons"]:
+            click.echo(f"  {reason['rows']:>8}  {reason['reason']}")
+    sys.exit(1 if result["invalid"] > pipeline.fail_on.failed_rows else 0)
+
+
+@main.group()
+def streams() -> None:
+    """Data streams of the local engine."""
+
+
+@streams.command("add")
+@click.argument("key")
+@click.option("--name", default=None, help="Display name (defaults to KEY).")
+@click.option("--description", default=None)
+@click.option("--database", required=True, type=click.Path(dir_okay=False), help="The local engine's DuckDB file.")
+@click.option("--environment", default="default", show_default=True)
+@_guard
+def streams_add(key: str, name: str | None, description: str | None, database: str, environment: str) -> None:
+    """Create a data stream."""
+    from .engine import Engine
+
+    with Engine.open(Path(database)) as engine:
+        engine.ensure_environment(environment)
+        stream = engine.create_stream(environment, key, name or key, description=description)
+    click.echo(json.dumps(stream, default=str))
+
+
+@streams.command("list")
+@click.option("--database", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--environment", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def streams_list(database: str, environment: str, as_json: bool) -> None:
+    """List the data streams of an environment."""
+    from .engine import Engine
+
+    with Engine.open(Path(database), read_only=True) as engine:
+        rows = engine.list_streams(environment)
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    for stream in rows:
+        click.echo(f"{stream['key']}\t{stream['name']}\t{stream.get('description') or ''}")
+
+
+def _history(pipeline_file: str | None, cache: str | None) -> Any:
+    from .history import History
+    from .statedb import open_state
+
+    if pipeline_file:
+        path = Path(_load(pipeline_file, ()).dedupe.cache)
+    else:
+        path = Path(cache or ".loader/cache.duckdb")
+    return History(open_state(path, read_only=True), read_only=True)
+
+
+@main.command()
+@click.argument("pipeline_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--cache", default=None, help="The state file, when no PIPELINE_FILE is given.",
+              show_default=".loader/cache.duckdb")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def runs(pipeline_file: str | None, cache: str | None, limit: int, as_json: bool) -> None:
+    """The run history, newest first."""
+    name = _load(pipeline_file, ()).name if pipeline_file else None
+    rows = _history(pipeline_file, cache).list(pipeline=name, limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    for r in rows:
+        click.echo(
+            f"{r['run_id']}  {r['pipeline']:<24} {r['status']:<9} {'dry-run ' if r['dry_run'] else ''}"
+            f"total={r['total']} successful={r['successful']} failed={r['failed']} skipped={r['skipped']}"
+        )
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("pipeline_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--cache", default=None, help="The state file, when no PIPELINE_FILE is given.",
+              show_default=".loader/cache.duckdb")
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def report(run_id: str, pipeline_file: str | None, cache: str | None, as_json: bool) -> None:
+    """One run's summary."""
+    from .report import Report, format_summary_text
+
+    found = _history(pipeline_file, cache).get(run_id)
+    if found is None:
+        raise ConfigError([("RUN_ID", f"no run {run_id!r} in the history; `loader runs` lists them")])
+    summary = Report.load(Path(found["report_dir"])).summary
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        click.echo(format_summary_text(summary))
+        click.echo(f"report: {found['report_dir']}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

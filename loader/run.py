@@ -1,0 +1,377 @@
+"""The core: one run of a pipeline, from source batches to the report.
+
+    source batch -> map -> validate -> dedupe within the source -> drop ids
+    already loaded (cache) -> chunk -> target -> outcomes -> cache + report
+
+Each stage is a function of its own module; this one composes them, batch by
+batch, so memory is bounded by the batch size and not by the source. The CLI,
+notebooks and orchestrators all call `run_pipeline` / `load_frame`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from .cache import Cache
+from .chunk import Chunk, make_chunks
+from .dedupe import SourceDeduper
+from .errors import LoaderError, TargetError
+from .history import History
+from .mapping import check_columns, map_batch
+from .report import Report, ReportWriter
+from .source import SOURCE_FILE, SOURCE_ROW, Source, SourceSpec, frame_batches, row_counts
+from .statedb import open_state
+from .targets.base import ChunkResult, Target
+from .validate import Rules, split_valid
+
+log = logging.getLogger("loader")
+
+ProgressCallback = Callable[[dict], None]
+_REPORT_FIELDS = ("data_stream_key", "external_id", "date", "amount", "currency")
+
+
+@dataclass
+class RunSettings:
+    """Everything a run needs besides its rows; built from a Pipeline or from `load_frame` arguments."""
+
+    name: str
+    mapping: Any
+    rules: Rules
+    within_source: str
+    cache_path: Path
+    on_conflict: str
+    chunk_size: int
+    report_dir: Path
+    report_formats: tuple[str, ...]
+    max_failed_rows: int
+    pipeline_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """A finished run: its report and the exit code of the contract."""
+
+    report: Report
+    exit_code: int
+
+    @property
+    def summary(self) -> dict:
+        return self.report.summary
+
+
+def new_run_id(now: datetime) -> str:
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+class Run:
+    """One run in progress; `execute` drives it."""
+
+    def __init__(self, settings: RunSettings, target: Target, *, dry_run: bool = False,
+                 on_progress: ProgressCallback | None = None, payloads: Any = None):
+        self.settings = settings
+        self.target = target
+        self.dry_run = dry_run
+        self.on_progress = on_progress
+        self.payloads = payloads
+        self.started_at = datetime.now(UTC)
+        self.run_id = new_run_id(self.started_at)
+        self.directory = settings.report_dir / settings.name / self.run_id
+        self.bulk_request_ids: set[int] = set()
+        self.chunks_sent = 0
+        self.rows_read = 0
+        self.counts = {"successful": 0, "failed": 0, "skipped": 0}
+
+    # -- the whole run ------------------------------------------------------
+    def execute(self, batches: Iterator[pl.DataFrame], source_summary: Callable[[], dict]) -> RunResult:
+        s = self.settings
+        state = open_state(s.cache_path)
+        cache, history = Cache(state), History(state)
+        history.start(run_id=self.run_id, pipeline=s.name, pipeline_path=s.pipeline_path,
+                      target_key=self.target.target_key, target=self.target.describe(), dry_run=self.dry_run,
+                      started_at=self.started_at, report_dir=str(self.directory))
+        writer = ReportWriter(self.directory, formats=s.report_formats, run_id=self.run_id, pipeline=s.name,
+                              started_at=self.started_at, dry_run=self.dry_run, target=self.target.describe(),
+                              **s.extra)
+        deduper = SourceDeduper(self.target.target_key, scratch_dir=s.cache_path.parent)
+        log.info("run started", extra={"event": "run_start", "run_id": self.run_id, "pipeline": s.name})
+        error: LoaderError | None = None
+        try:
+            if not self.dry_run:
+                self.target.prepare()
+            for batch in batches:
+                mapped = map_batch(batch, s.mapping)
+                writer.add_source_totals(_source_totals(mapped))
+                if error is None:
+                    try:
+                        rows = self._process(mapped, cache, deduper)
+                    except TargetError as exc:
+                        error = exc
+                        rows = _unprocessed(mapped, f"not sent: the run was aborted ({exc})")
+                else:
+                    rows = _unprocessed(mapped, f"not sent: the run was aborted ({error})")
+                writer.add_rows(rows)
+                self._progress(batch.height, rows)
+        finally:
+            deduper.close()
+            self.target.close()
+        finished_at = datetime.now(UTC)
+        report = writer.finish(finished_at=finished_at, source=source_summary(),
+                               bulk_requests=sorted(self.bulk_request_ids),
+                               error=str(error) if error else None)
+        exit_code = error.exit_code if error else (1 if report.failed_rows > s.max_failed_rows else 0)
+        history.finish(self.run_id, status="aborted" if error else "finished", finished_at=finished_at,
+                       totals=report.totals, exit_code=exit_code, error=str(error) if error else None)
+        state.close()
+        log.info("run finished", extra={"event": "run_end", "run_id": self.run_id, "pipeline": s.name,
+                                        **report.totals, "exit_code": exit_code})
+        return RunResult(report=report, exit_code=exit_code)
+
+    # -- one batch ------------------------------------------------------------
+    def _process(self, mapped: pl.DataFrame, cache: Cache, deduper: SourceDeduper) -> pl.DataFrame:
+        s = self.settings
+        valid, invalid = split_valid(mapped, s.rules)
+        parts = [_outcome(invalid, "failed", "invalid")]
+        deduplicated = deduper.split(valid)
+        duplicate_outcome = "failed" if s.within_source == "fail" else "skipped"
+        parts.append(_outcome(deduplicated.duplicates, duplicate_outcome, "duplicate_in_source"))
+
+        unique = deduplicated.unique
+        loaded = pl.from_arrow(cache.find_loaded(unique.select("key_hi", "key_lo").to_arrow()))
+        assert isinstance(loaded, pl.DataFrame)
+        already = unique.join(loaded, on=["key_hi", "key_lo"], how="inner")
+        parts.append(
+            _outcome(
+                already.with_columns(
+                    pl.format("loaded before by run {} in bulk request {}", pl.col("run_id").fill_null("?"),
+                              pl.col("bulk_request_id").cast(pl.String).fill_null("?")).alias("reason")
+                ).drop("bulk_request_id", "run_id"),
+                "skipped",
+                "already_loaded",
+            )
+        )
+        to_send = unique.join(loaded.select("key_hi", "key_lo"), on=["key_hi", "key_lo"], how="anti")
+        chunks = list(make_chunks(to_send, chunk_size=s.chunk_size, target_key=self.target.target_key,
+                                  on_conflict=s.on_conflict, first_number=self.chunks_sent))
+        self.chunks_sent += len(chunks)
+        if self.payloads is not None:
+            self.payloads.write(chunks, on_conflict=s.on_conflict)
+        if self.dry_run:
+            parts.extend(_dry_run_outcomes(chunks))
+        elif chunks:
+            results = self._send(chunks)
+            sent = _sent_outcomes(results, on_conflict=s.on_conflict)
+            confirmed = sent.filter(pl.col("reason_code").is_in(["created", "exists_in_target"]))
+            cache.con.begin()
+            cache.record_confirmed(self.target.target_key, self.run_id, confirmed.select(
+                "key_hi", "key_lo", "data_stream_key", "external_id", "record_id", "bulk_request_id").to_arrow())
+            cache.con.commit()
+            parts.append(sent)
+        return pl.concat([p.select(_ROW_SELECT) for p in parts], how="vertical_relaxed").sort(
+            SOURCE_FILE, SOURCE_ROW
+        )
+
+    def _send(self, chunks: list[Chunk]) -> list[ChunkResult]:
+        results = self.target.send(chunks, on_conflict=self.settings.on_conflict)
+        for result in results:
+            self.bulk_request_ids.add(result.bulk_request_id)
+            log.info("chunk confirmed", extra={
+                "event": "chunk_confirmed", "run_id": self.run_id, "pipeline": self.settings.name,
+                "chunk": result.chunk.number, "idempotency_key": result.chunk.idempotency_key,
+                "bulk_request_id": result.bulk_request_id, "status": result.status, "rows": len(result.chunk)})
+        return results
+
+    def _progress(self, rows_read: int, rows: pl.DataFrame) -> None:
+        self.rows_read += rows_read
+        for outcome, n in rows.group_by("outcome").len().iter_rows():
+            self.counts[outcome] += n
+        if self.on_progress is not None:
+            self.on_progress({"run_id": self.run_id, "rows": self.rows_read, **self.counts})
+
+
+# -- outcomes -----------------------------------------------------------------
+
+_ROW_SELECT = [
+    pl.col(SOURCE_FILE), pl.col(SOURCE_ROW), *[pl.col(c) for c in _REPORT_FIELDS],
+    pl.col("outcome"), pl.col("reason_code"), pl.col("reason"), pl.col("bulk_request_id"), pl.col("record_id"),
+]
+
+
+def _outcome(rows: pl.DataFrame, outcome: str, reason_code: str) -> pl.DataFrame:
+    extra = []
+    if "reason" not in rows.columns:
+        extra.append(pl.lit(None, dtype=pl.String).alias("reason"))
+    if "bulk_request_id" not in rows.columns:
+        extra.append(pl.lit(None, dtype=pl.Int64).alias("bulk_request_id"))
+    if "record_id" not in rows.columns:
+        extra.append(pl.lit(None, dtype=pl.Int64).alias("record_id"))
+    return rows.with_columns(
+        *extra, pl.lit(outcome).alias("outcome"), pl.lit(reason_code).alias("reason_code")
+    )
+
+
+def _unprocessed(mapped: pl.DataFrame, reason: str) -> pl.DataFrame:
+    return _outcome(mapped.with_columns(pl.lit(reason).alias("reason")), "failed", "unprocessed").select(_ROW_SELECT)
+
+
+def _dry_run_outcomes(chunks: list[Chunk]) -> list[pl.DataFrame]:
+    return [
+        _outcome(chunk.rows.with_columns(
+            pl.lit(f"dry run: would be sent in bulk request {chunk.number + 1} of this run "
+                   f"(Idempotency-Key {chunk.idempotency_key})").alias("reason")), "skipped", "dry_run")
+        for chunk in chunks
+    ]
+
+
+def _sent_outcomes(results: list[ChunkResult], *, on_conflict: str) -> pl.DataFrame:
+    frames = []
+    for result in results:
+        rows = result.chunk.rows.with_row_index("index").with_columns(pl.col("index").cast(pl.Int64))
+        frames.append(
+            rows.join(result.items, on="index", how="left").with_columns(
+                pl.lit(result.bulk_request_id, dtype=pl.Int64).alias("bulk_request_id"),
+                pl.lit(result.preexisting).alias("_preexisting"),
+                pl.lit(result.status).alias("_request_status"),
+                pl.lit(result.error_message, dtype=pl.String).alias("_request_error"),
+            )
+        )
+    rows = pl.concat(frames, how="vertical_relaxed")
+    error = pl.col("error").fill_null("")
+    looks_like_conflict = (
+        pl.lit(on_conflict == "error") & pl.col("external_id").is_not_null()
+        & (error.str.to_lowercase().str.contains("already exists") | error.str.to_lowercase().str.contains("conflict"))
+    )
+    outcome_code = (
+        pl.when(pl.col("status") == "successful")
+        .then(pl.when(pl.col("_preexisting")).then(pl.lit("skipped:exists_in_target")).otherwise(pl.lit("successful:created")))
+        .when(pl.col("status") == "skipped").then(pl.lit("skipped:exists_in_target"))
+        .when((pl.col("status") == "failed") & looks_like_conflict).then(pl.lit("failed:conflict"))
+        .when(pl.col("status") == "failed").then(pl.lit("failed:rejected"))
+        .otherwise(pl.lit("failed:unprocessed"))
+    )
+    reason = (
+        pl.when((pl.col("status") == "successful") & pl.col("_preexisting"))
+        .then(pl.format("created earlier by bulk request {} (same Idempotency-Key)", pl.col("bulk_request_id")))
+        .when(pl.col("status") == "successful").then(None)
+        .when(pl.col("status") == "skipped")
+        .then(pl.format("the target already holds external_id '{}' in data stream '{}'",
+                        pl.col("external_id"), pl.col("data_stream_key")))
+        .when(pl.col("status") == "failed").then(pl.col("error"))
+        .otherwise(pl.format("bulk request {} ended {}{}; a later run sends this row again",
+                             pl.col("bulk_request_id"), pl.col("_request_status"),
+                             pl.when(pl.col("_request_error").is_not_null())
+                             .then(pl.lit(": ") + pl.col("_request_error")).otherwise(pl.lit(""))))
+    )
+    parts = outcome_code.str.split_exact(":", 1)
+    return rows.with_columns(
+        parts.struct.field("field_0").alias("outcome"),
+        parts.struct.field("field_1").alias("reason_code"),
+        reason.alias("reason"),
+        pl.when(pl.col("status") == "successful").then(pl.col("record_id")).otherwise(None).alias("record_id"),
+    )
+
+
+def _source_totals(mapped: pl.DataFrame) -> pl.DataFrame:
+    return mapped.group_by("data_stream_key", "currency").agg(
+        pl.len().alias("rows"), pl.col("amount").sum().alias("amount")
+    )
+
+
+# -- entry points -------------------------------------------------------------
+
+
+def settings_from_pipeline(pipeline: Any) -> RunSettings:
+    return RunSettings(
+        name=pipeline.name,
+        mapping=pipeline.mapping,
+        rules=Rules.from_config(pipeline.validation),
+        within_source=pipeline.dedupe.within_source,
+        cache_path=Path(pipeline.dedupe.cache),
+        on_conflict=pipeline.target.on_conflict,
+        chunk_size=pipeline.target.chunk_size,
+        report_dir=Path(pipeline.report.dir),
+        report_formats=tuple(pipeline.report.formats),
+        max_failed_rows=pipeline.fail_on.failed_rows,
+        pipeline_path=str(pipeline.path) if getattr(pipeline, "path", None) else None,
+    )
+
+
+def make_target(pipeline: Any, *, started_at: datetime | None = None) -> Target:
+    """The pipeline's target, not yet connected."""
+    from .errors import ConfigError
+    from .targets.local import LocalTarget
+
+    t = pipeline.target
+    if t.type == "local":
+        streams = [s.model_dump() if hasattr(s, "model_dump") else dict(s) for s in (t.streams or [])]
+        return LocalTarget(Path(t.database), t.environment, streams, started_at=started_at)
+    raise ConfigError([("target.type", f"target type {t.type!r} is not supported by this version of loader")])
+
+
+def run_pipeline(pipeline: Any, *, vars: Mapping[str, str] | None = None, dry_run: bool = False,
+                 on_progress: ProgressCallback | None = None, payloads_dir: Path | None = None) -> RunResult:
+    """Run a pipeline (a path to pipeline.yaml, or a loaded Pipeline) and return its result."""
+    from .config import load_pipeline
+
+    if not hasattr(pipeline, "mapping"):
+        pipeline = load_pipeline(Path(pipeline), vars or {})
+    settings = settings_from_pipeline(pipeline)
+    spec = SourceSpec.from_pipeline(pipeline)
+    with Source(spec) as source:
+        check_columns(pipeline.mapping, source.columns)
+        run = Run(settings, make_target(pipeline), dry_run=dry_run, on_progress=on_progress,
+                  payloads=_payload_writer(payloads_dir))
+        run.target.started_at = run.started_at  # type: ignore[attr-defined]
+        files = [str(f) for f in spec.files] if spec.query is None else ["query"]
+        return run.execute(source.batches(), lambda: {"files": row_counts(files, source.file_rows)})
+
+
+def load_frame(frame: pl.DataFrame, settings: RunSettings, target: Target, *, dry_run: bool = False,
+               on_progress: ProgressCallback | None = None) -> RunResult:
+    """Load an in-memory Polars DataFrame with the given settings and target."""
+    check_columns(settings.mapping, frame.columns)
+    run = Run(settings, target, dry_run=dry_run, on_progress=on_progress)
+    if hasattr(target, "started_at"):
+        target.started_at = run.started_at  # type: ignore[attr-defined]
+    return run.execute(frame_batches(frame), lambda: {"files": [{"path": "dataframe", "rows": frame.height}]})
+
+
+def _payload_writer(directory: Path | None) -> Any:
+    if directory is None:
+        return None
+    from .payloads import PayloadWriter
+
+    return PayloadWriter(Path(directory))
+
+
+def validate_pipeline(pipeline: Any, *, vars: Mapping[str, str] | None = None, top: int = 10) -> dict:
+    """Read, map and validate the source; load nothing. Counts and the most common reasons."""
+    from .config import load_pipeline
+
+    if not hasattr(pipeline, "mapping"):
+        pipeline = load_pipeline(Path(pipeline), vars or {})
+    rules = Rules.from_config(pipeline.validation)
+    counts = {"rows": 0, "valid": 0, "invalid": 0}
+    reasons: list[pl.DataFrame] = []
+    with Source(SourceSpec.from_pipeline(pipeline)) as source:
+        check_columns(pipeline.mapping, source.columns)
+        for batch in source.batches():
+            valid, invalid = split_valid(map_batch(batch, pipeline.mapping), rules)
+            counts["rows"] += batch.height
+            counts["valid"] += valid.height
+            counts["invalid"] += invalid.height
+            reasons.append(invalid.group_by("reason").len("rows"))
+    merged = (
+        pl.concat(reasons).group_by("reason").agg(pl.col("rows").sum()).sort("rows", "reason", descending=[True, False])
+        if reasons else pl.DataFrame(schema={"reason": pl.String, "rows": pl.UInt32})
+    )
+    return {**counts, "reasons": merged.head(top).to_dicts()}

@@ -1,0 +1,162 @@
+"""The record contract as one pandera schema (polars backend), and its failures as reasons.
+
+`split_valid` validates a mapped batch lazily (every failing row and every
+failed rule is collected), merges those failures with the conversion errors of
+`mapping.py`, and returns the valid rows and the invalid ones, each invalid row
+with a `reason` naming every field at fault and its rule:
+`amount: '12.345' has more decimals than USD allows (2); date: is required`.
+
+pandera is imported on first use: it is slow to import and a config error
+should not pay for it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import polars as pl
+
+from .mapping import RECORD_FIELDS
+
+ISO_CURRENCY = r"^[A-Z]{3}$"
+DIRECTIONS = ("credit", "debit")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The pipeline's `validation:` options, on top of the contract."""
+
+    max_abs_amount: int | None = None
+    min_date: dt.date | None = None
+    max_date: dt.date | None = None
+    required: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, validation: Any) -> "Rules":
+        if validation is None:
+            return cls()
+        date_range = getattr(validation, "date_range", None)
+        return cls(
+            max_abs_amount=getattr(validation, "max_abs_amount", None),
+            min_date=getattr(date_range, "min", None) if date_range is not None else None,
+            max_date=getattr(date_range, "max", None) if date_range is not None else None,
+            required=tuple(getattr(validation, "required", None) or ()),
+        )
+
+
+@cache
+def record_schema(rules: Rules = Rules()) -> Any:
+    """The pandera schema of a mapped record, with the pipeline's extra rules."""
+    import pandera.polars as pa
+
+    def column(dtype: Any, *checks: Any, required: bool = False, name: str) -> Any:
+        return pa.Column(dtype, checks=list(checks), nullable=not (required or name in rules.required))
+
+    amount_checks = []
+    if rules.max_abs_amount is not None:
+        limit = rules.max_abs_amount
+        amount_checks.append(
+            pa.Check(lambda data: data.lazyframe.select(pl.col(data.key).abs() <= limit),
+                     name="max_abs_amount", error=f"absolute value above validation.max_abs_amount ({limit})")
+        )
+    date_checks = []
+    if rules.min_date is not None:
+        date_checks.append(pa.Check.ge(rules.min_date, error=f"before validation.date_range.min ({rules.min_date})"))
+    if rules.max_date is not None:
+        date_checks.append(pa.Check.le(rules.max_date, error=f"after validation.date_range.max ({rules.max_date})"))
+    return pa.DataFrameSchema(
+        {
+            "date": column(pl.Date, *date_checks, required=True, name="date"),
+            "data_stream_key": column(
+                pl.String, pa.Check.str_length(1, 255, error="must be 1 to 255 characters"),
+                required=True, name="data_stream_key",
+            ),
+            "amount": column(pl.Int64, *amount_checks, required=True, name="amount"),
+            "currency": column(
+                pl.String, pa.Check.str_matches(ISO_CURRENCY, error="must be 3 letters (ISO 4217)"),
+                required=True, name="currency",
+            ),
+            "direction": column(
+                pl.String, pa.Check.isin(DIRECTIONS, error="must be credit or debit"), name="direction"
+            ),
+            "description": column(pl.String, name="description"),
+            "external_id": column(
+                pl.String, pa.Check.str_length(1, 255, error="must be 1 to 255 characters"), name="external_id"
+            ),
+            "metadata": column(pl.String, required=True, name="metadata"),
+        },
+        strict=False,
+        name="record",
+    )
+
+
+def split_valid(mapped: pl.DataFrame, rules: Rules = Rules()) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(valid rows, invalid rows with `reason`), both in input order."""
+    failures = _schema_failures(mapped, rules)
+    conversion = _conversion_failures(mapped)
+    if failures.height == 0 and conversion.height == 0:
+        return _drop_errors(mapped), mapped.head(0).pipe(_drop_errors).with_columns(
+            pl.lit(None, dtype=pl.String).alias("reason")
+        )
+    # A field that failed to convert is null; its conversion error is the reason, not "is required".
+    # An unknown currency leaves the amount unconverted: one reason is enough.
+    covered = pl.concat(
+        [conversion, conversion.filter(pl.col("field") == "currency").with_columns(pl.lit("amount").alias("field"))]
+    )
+    merged = (
+        pl.concat([conversion, failures.join(covered, on=["row", "field"], how="anti")])
+        .with_columns(pl.col("field").replace_strict(_FIELD_ORDER, return_dtype=pl.Int32).alias("order"))
+        .sort("row", "order", "message")
+        .group_by("row", maintain_order=True)
+        .agg((pl.col("field") + pl.lit(": ") + pl.col("message")).str.join("; ").alias("reason"))
+    )
+    indexed = mapped.with_row_index("row")
+    invalid = indexed.join(merged, on="row", how="inner").sort("row").drop("row")
+    valid = indexed.join(merged, on="row", how="anti").sort("row").drop("row")
+    return _drop_errors(valid), _drop_errors(invalid)
+
+
+_FIELD_ORDER = {name: i for i, name in enumerate(RECORD_FIELDS)}
+
+
+def _schema_failures(mapped: pl.DataFrame, rules: Rules) -> pl.DataFrame:
+    from pandera.errors import SchemaErrors
+
+    try:
+        record_schema(rules).validate(mapped, lazy=True)
+    except SchemaErrors as exc:
+        cases = exc.failure_cases
+        if cases.filter(pl.col("index").is_null()).height:
+            # A schema-level failure (a wrong dtype) is a bug in mapping, not bad data.
+            raise
+        value = pl.col("failure_case").cast(pl.String)
+        shown = pl.when(value.str.len_chars() > 40).then(value.str.slice(0, 40) + pl.lit("...")).otherwise(value)
+        return cases.select(
+            pl.col("index").cast(pl.UInt32).alias("row"),
+            pl.col("column").alias("field"),
+            pl.when(pl.col("check") == "not_nullable")
+            .then(pl.lit("is required"))
+            .otherwise(pl.format("'{}' {}", shown, pl.col("check")))
+            .alias("message"),
+        )
+    return pl.DataFrame(schema={"row": pl.UInt32, "field": pl.String, "message": pl.String})
+
+
+def _conversion_failures(mapped: pl.DataFrame) -> pl.DataFrame:
+    error_columns = [c for c in mapped.columns if c.startswith("error_")]
+    if not error_columns:
+        return pl.DataFrame(schema={"row": pl.UInt32, "field": pl.String, "message": pl.String})
+    return (
+        mapped.select(error_columns)
+        .with_row_index("row")
+        .unpivot(index="row", on=error_columns, variable_name="field", value_name="message")
+        .drop_nulls("message")
+        .with_columns(pl.col("field").str.strip_prefix("error_"))
+    )
+
+
+def _drop_errors(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.drop([c for c in frame.columns if c.startswith("error_")])

@@ -1,0 +1,155 @@
+"""End to end: pipeline.yaml -> local engine -> report, through the Python API."""
+
+from __future__ import annotations
+
+import duckdb
+import polars as pl
+import pytest
+
+from loader.run import run_pipeline
+
+ROWS = [
+    ["2024-01-02", "T1", "Payroll", "100.50", "USD", "DR"],
+    ["2024-01-03", "T2", "Refund", "20", "EUR", "CR"],
+    ["2024-01-04", "T3", "Vendor", "1500", "JPY", "DR"],
+    ["2024-01-05", "T4", "Rent", "1.234", "BHD", "DR"],
+    ["2024-01-06", "", "Fee", "0.99", "USD", "DR"],
+    ["2024-01-06", "", "Fee", "0.99", "USD", "DR"],  # an identical id-less row: a second record
+    ["2024-01-07", "T1", "Payroll again", "100.50", "USD", "DR"],  # repeated id
+    ["2024-13-01", "T5", "Bad date", "1.00", "USD", "DR"],
+    ["2024-01-08", "T6", "Too precise", "1.001", "USD", "CR"],
+]
+
+
+def reasons(report) -> dict[tuple[str, str], int]:
+    return {(r["outcome"], r["reason_code"]): r["rows"] for r in report.summary["reasons"]}
+
+
+def records(database) -> pl.DataFrame:
+    with duckdb.connect(str(database), read_only=True) as con:
+        return con.sql(
+            "select data_stream_key, external_id, date, amount, currency, direction, description "
+            "from records order by id").pl()
+
+
+def test_first_run_loads_valid_rows_and_accounts_for_every_row(make_pipeline, tmp_path):
+    result = run_pipeline(make_pipeline({"jan.csv": ROWS}))
+    report = result.report
+    assert report.totals == {"total": 9, "successful": 6, "failed": 2, "skipped": 1}
+    assert reasons(report) == {("successful", "created"): 6, ("failed", "invalid"): 2,
+                               ("skipped", "duplicate_in_source"): 1}
+    loaded = records(tmp_path / ".loader/endclose.duckdb")
+    assert sorted(zip(loaded["currency"], loaded["amount"])) == sorted(
+        [("USD", 10050), ("EUR", 2000), ("JPY", 1500), ("BHD", 1234), ("USD", 99), ("USD", 99)])
+    rows = report.rows().sort("source_row")
+    assert rows["source_row"].to_list() == list(range(9))
+    assert rows.filter(pl.col("outcome") == "successful")["record_id"].null_count() == 0
+    assert "same data_stream_key and external_id as" in rows["reason"][6]
+    assert result.exit_code == 0
+
+
+def test_rerun_creates_nothing_new(make_pipeline, tmp_path):
+    path = make_pipeline({"jan.csv": ROWS})
+    run_pipeline(path)
+    second = run_pipeline(path).report
+    assert reasons(second)[("skipped", "already_loaded")] == 6
+    assert second.totals["successful"] == 0
+    assert records(tmp_path / ".loader/endclose.duckdb").height == 6
+
+
+def test_rerun_without_cache_finds_rows_in_the_target(make_pipeline, tmp_path):
+    path = make_pipeline({"jan.csv": ROWS})
+    run_pipeline(path)
+    (tmp_path / ".loader/cache.duckdb").unlink()
+    second = run_pipeline(path).report
+    assert reasons(second)[("skipped", "exists_in_target")] == 6
+    assert records(tmp_path / ".loader/endclose.duckdb").height == 6  # id-less rows not doubled either
+
+
+def test_rerun_without_cache_under_on_conflict_error_fails_rows_as_conflicts(make_pipeline, tmp_path):
+    path = make_pipeline({"jan.csv": ROWS})
+    run_pipeline(path)
+    (tmp_path / ".loader/cache.duckdb").unlink()
+    second = make_pipeline({"jan.csv": ROWS}, target__on_conflict="error")
+    report = run_pipeline(second).report
+    codes = reasons(report)
+    assert codes[("failed", "conflict")] == 4  # the four rows with an id
+    conflict = report.failed().filter(pl.col("reason_code") == "conflict")
+    assert conflict["reason"].str.contains("already exists").all()
+
+
+def test_within_source_fail_marks_repeats_failed(make_pipeline):
+    report = run_pipeline(make_pipeline({"jan.csv": ROWS}, dedupe={"within_source": "fail"})).report
+    assert reasons(report)[("failed", "duplicate_in_source")] == 1
+
+
+def test_unknown_stream_is_rejected_per_row_by_the_target(make_pipeline):
+    rows = [["2024-01-02", "A1", "x", "1.00", "USD", "DR"], ["2024-01-02", "A2", "y", "2.00", "USD", "DR"]]
+    path = make_pipeline({"a.csv": rows}, mapping__data_stream_key={"column": "memo"},
+                         target__streams=[{"key": "x", "name": "X"}])
+    report = run_pipeline(path).report
+    assert reasons(report) == {("successful", "created"): 1, ("failed", "rejected"): 1}
+    rejected = report.failed()
+    assert rejected["data_stream_key"].to_list() == ["y"]
+    assert "y" in rejected["reason"][0]
+
+
+def test_glob_keeps_per_file_source_rows(make_pipeline):
+    path = make_pipeline({"a.csv": ROWS[:3], "b.csv": ROWS[3:5]})
+    report = run_pipeline(path).report
+    rows = report.rows()
+    per_file = rows.group_by("source_file").agg(pl.col("source_row").sort()).sort("source_file")
+    assert [f.rsplit("/", 1)[1] for f in per_file["source_file"]] == ["a.csv", "b.csv"]
+    assert per_file["source_row"].to_list() == [[0, 1, 2], [0, 1]]
+    assert [f["rows"] for f in report.summary["source"]["files"]] == [3, 2]
+
+
+def test_control_totals_add_up_per_stream_and_currency(make_pipeline):
+    report = run_pipeline(make_pipeline({"jan.csv": ROWS})).report
+    by = pl.DataFrame(report.summary["by_stream"])
+    usd = by.filter(pl.col("currency") == "USD")
+    assert usd.filter(pl.col("outcome") == "successful")["amount"].sum() == 10050 + 99 + 99
+    assert usd.filter(pl.col("outcome") == "skipped")["amount"].sum() == 10050
+    assert by["rows"].sum() == 9
+
+
+def test_dry_run_touches_neither_target_nor_cache(make_pipeline, tmp_path):
+    report = run_pipeline(make_pipeline({"jan.csv": ROWS}), dry_run=True).report
+    assert reasons(report)[("skipped", "dry_run")] == 6
+    assert not (tmp_path / ".loader/endclose.duckdb").exists()
+    assert report.summary["dry_run"] is True
+
+
+def test_fail_on_sets_exit_code_1(make_pipeline):
+    result = run_pipeline(make_pipeline({"jan.csv": ROWS}, fail_on={"failed_rows": 1}))
+    assert result.exit_code == 1
+    result = run_pipeline(make_pipeline({"jan.csv": ROWS}, fail_on={"failed_rows": 2}))
+    assert result.exit_code == 0
+
+
+def test_transform_sql_filters_and_keeps_lineage(make_pipeline):
+    path = make_pipeline({"jan.csv": ROWS}, transform={"sql": "select * from source where ccy <> 'USD'"})
+    report = run_pipeline(path).report
+    assert report.totals["total"] == 3
+    assert sorted(report.rows()["source_row"].to_list()) == [1, 2, 3]
+
+
+def test_a_job_that_fails_midway_leaves_unprocessed_rows_for_the_next_run(make_pipeline, tmp_path):
+    from loader.config import load_pipeline
+    from loader.run import Run, settings_from_pipeline
+    from loader.source import Source, SourceSpec
+    from loader.targets.local import LocalTarget
+
+    path = make_pipeline({"jan.csv": ROWS[:4]}, target__chunk_size=4)
+    pipeline = load_pipeline(path)
+    target = LocalTarget(tmp_path / ".loader/endclose.duckdb", "default", [{"key": "ops", "name": "Ops"}],
+                         fail_jobs_after=2)
+    with Source(SourceSpec.from_pipeline(pipeline)) as source:
+        run = Run(settings_from_pipeline(pipeline), target)
+        first = run.execute(source.batches(), lambda: {"files": []}).report
+    assert reasons(first) == {("successful", "created"): 2, ("failed", "unprocessed"): 2}
+    unprocessed = first.failed()
+    assert unprocessed["reason"].str.contains("ended failed").all()
+    second = run_pipeline(path).report
+    assert reasons(second) == {("skipped", "already_loaded"): 2, ("successful", "created"): 2}
+    assert records(tmp_path / ".loader/endclose.duckdb").height == 4

@@ -21,16 +21,16 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from .cache import Cache
-from .chunk import Chunk, make_chunks
-from .dedupe import SourceDeduper
+from .cache import CONFIRMED_COLUMNS, Cache
+from .chunk import Chunk, plan_chunks
+from .dedupe import KEY, SourceDeduper
 from .errors import LoaderError, TargetError
 from .history import History
 from .mapping import check_columns, map_batch
 from .report import Report, ReportWriter
 from .source import SOURCE_FILE, SOURCE_ROW, Source, SourceSpec, frame_batches, row_counts
 from .statedb import open_state
-from .targets.base import ChunkResult, Target
+from .targets.base import SendResult, Target
 from .validate import Rules, split_valid
 
 log = logging.getLogger("loader")
@@ -87,7 +87,8 @@ class Run:
         self.run_id = new_run_id(self.started_at)
         self.directory = settings.report_dir / settings.name / self.run_id
         self.bulk_request_ids: set[int] = set()
-        self.chunks_sent = 0
+        self.chunks_planned = 0
+        self.cache_target_id = 0
         self.rows_read = 0
         self.counts = {"successful": 0, "failed": 0, "skipped": 0}
 
@@ -96,6 +97,7 @@ class Run:
         s = self.settings
         state = open_state(s.cache_path)
         cache, history = Cache(state), History(state)
+        self.cache_target_id = cache.target_id(self.target.target_key)
         history.start(run_id=self.run_id, pipeline=s.name, pipeline_path=s.pipeline_path,
                       target_key=self.target.target_key, target=self.target.describe(), dry_run=self.dry_run,
                       started_at=self.started_at, report_dir=str(self.directory))
@@ -146,49 +148,42 @@ class Run:
         parts.append(_outcome(deduplicated.duplicates, duplicate_outcome, "duplicate_in_source"))
 
         unique = deduplicated.unique
-        loaded = pl.from_arrow(cache.find_loaded(unique.select("key_hi", "key_lo").to_arrow()))
+        loaded = pl.from_arrow(cache.find_loaded(unique.select(KEY).to_arrow()))
         assert isinstance(loaded, pl.DataFrame)
-        already = unique.join(loaded, on=["key_hi", "key_lo"], how="inner")
-        parts.append(
-            _outcome(
-                already.with_columns(
-                    pl.format("loaded before by run {} in bulk request {}", pl.col("run_id").fill_null("?"),
-                              pl.col("bulk_request_id").cast(pl.String).fill_null("?")).alias("reason")
-                ).drop("bulk_request_id", "run_id"),
-                "skipped",
-                "already_loaded",
-            )
+        already = unique.join(loaded, on=KEY, how="inner").with_columns(
+            pl.format("loaded before in bulk request {}", pl.col("bulk_request_id")).alias("reason")
         )
-        to_send = unique.join(loaded.select("key_hi", "key_lo"), on=["key_hi", "key_lo"], how="anti")
-        chunks = list(make_chunks(to_send, chunk_size=s.chunk_size, target_key=self.target.target_key,
-                                  on_conflict=s.on_conflict, first_number=self.chunks_sent))
-        self.chunks_sent += len(chunks)
+        parts.append(_outcome(already.drop("bulk_request_id"), "skipped", "already_loaded"))
+        to_send, chunks = plan_chunks(
+            unique.join(loaded.select(KEY), on=KEY, how="anti", maintain_order="left"),
+            chunk_size=s.chunk_size, target_key=self.target.target_key, on_conflict=s.on_conflict,
+            first_number=self.chunks_planned,
+        )
+        self.chunks_planned += len(chunks)
         if self.payloads is not None:
             self.payloads.write(chunks, on_conflict=s.on_conflict)
         if self.dry_run:
-            parts.extend(_dry_run_outcomes(chunks))
+            parts.append(_dry_run_outcomes(to_send))
         elif chunks:
-            results = self._send(chunks)
-            sent = _sent_outcomes(results, on_conflict=s.on_conflict)
+            sent = _sent_outcomes(to_send, self._send(chunks), on_conflict=s.on_conflict)
             confirmed = sent.filter(pl.col("reason_code").is_in(["created", "exists_in_target"]))
-            cache.con.begin()
-            cache.record_confirmed(self.target.target_key, self.run_id, confirmed.select(
-                "key_hi", "key_lo", "data_stream_key", "external_id", "record_id", "bulk_request_id").to_arrow())
-            cache.con.commit()
+            cache.record_confirmed(self.cache_target_id, confirmed.select(CONFIRMED_COLUMNS).to_arrow())
             parts.append(sent)
         return pl.concat([p.select(_ROW_SELECT) for p in parts], how="vertical_relaxed").sort(
             SOURCE_FILE, SOURCE_ROW
         )
 
-    def _send(self, chunks: list[Chunk]) -> list[ChunkResult]:
-        results = self.target.send(chunks, on_conflict=self.settings.on_conflict)
-        for result in results:
-            self.bulk_request_ids.add(result.bulk_request_id)
-            log.info("chunk confirmed", extra={
-                "event": "chunk_confirmed", "run_id": self.run_id, "pipeline": self.settings.name,
-                "chunk": result.chunk.number, "idempotency_key": result.chunk.idempotency_key,
-                "bulk_request_id": result.bulk_request_id, "status": result.status, "rows": len(result.chunk)})
-        return results
+    def _send(self, chunks: list[Chunk]) -> SendResult:
+        result = self.target.send(chunks, on_conflict=self.settings.on_conflict)
+        self.bulk_request_ids.update(result.requests["bulk_request_id"].to_list())
+        if log.isEnabledFor(logging.INFO):
+            keys = {chunk.number: chunk.idempotency_key for chunk in chunks}
+            for request in result.requests.iter_rows(named=True):
+                log.info("chunk confirmed", extra={
+                    "event": "chunk_confirmed", "run_id": self.run_id, "pipeline": self.settings.name,
+                    "chunk": request["chunk"], "idempotency_key": keys[request["chunk"]],
+                    "bulk_request_id": request["bulk_request_id"], "status": request["status"]})
+        return result
 
     def _progress(self, rows_read: int, rows: pl.DataFrame) -> None:
         self.rows_read += rows_read
@@ -223,60 +218,54 @@ def _unprocessed(mapped: pl.DataFrame, reason: str) -> pl.DataFrame:
     return _outcome(mapped.with_columns(pl.lit(reason).alias("reason")), "failed", "unprocessed").select(_ROW_SELECT)
 
 
-def _dry_run_outcomes(chunks: list[Chunk]) -> list[pl.DataFrame]:
-    return [
-        _outcome(chunk.rows.with_columns(
-            pl.lit(f"dry run: would be sent in bulk request {chunk.number + 1} of this run "
-                   f"(Idempotency-Key {chunk.idempotency_key})").alias("reason")), "skipped", "dry_run")
-        for chunk in chunks
-    ]
+def _dry_run_outcomes(to_send: pl.DataFrame) -> pl.DataFrame:
+    return _outcome(
+        to_send.with_columns(
+            pl.format("dry run: would be sent in bulk request {} of this run", pl.col("chunk") + 1).alias("reason")
+        ),
+        "skipped",
+        "dry_run",
+    )
 
 
-def _sent_outcomes(results: list[ChunkResult], *, on_conflict: str) -> pl.DataFrame:
-    frames = []
-    for result in results:
-        rows = result.chunk.rows.with_row_index("index").with_columns(pl.col("index").cast(pl.Int64))
-        frames.append(
-            rows.join(result.items, on="index", how="left").with_columns(
-                pl.lit(result.bulk_request_id, dtype=pl.Int64).alias("bulk_request_id"),
-                pl.lit(result.preexisting).alias("_preexisting"),
-                pl.lit(result.status).alias("_request_status"),
-                pl.lit(result.error_message, dtype=pl.String).alias("_request_error"),
-            )
-        )
-    rows = pl.concat(frames, how="vertical_relaxed")
-    error = pl.col("error").fill_null("")
+def _sent_outcomes(to_send: pl.DataFrame, result: SendResult, *, on_conflict: str) -> pl.DataFrame:
+    """Each sent row's outcome, from its bulk request and its item (none: unprocessed)."""
+    rows = (
+        to_send.join(result.requests.rename({"status": "_request_status"}), on="chunk", how="left")
+        .join(result.items, on=["chunk", "index"], how="left")
+    )
+    status, error = pl.col("status"), pl.col("error").fill_null("").str.to_lowercase()
     looks_like_conflict = (
         pl.lit(on_conflict == "error") & pl.col("external_id").is_not_null()
-        & (error.str.to_lowercase().str.contains("already exists") | error.str.to_lowercase().str.contains("conflict"))
+        & (error.str.contains("already exists") | error.str.contains("conflict"))
     )
     outcome_code = (
-        pl.when(pl.col("status") == "successful")
-        .then(pl.when(pl.col("_preexisting")).then(pl.lit("skipped:exists_in_target")).otherwise(pl.lit("successful:created")))
-        .when(pl.col("status") == "skipped").then(pl.lit("skipped:exists_in_target"))
-        .when((pl.col("status") == "failed") & looks_like_conflict).then(pl.lit("failed:conflict"))
-        .when(pl.col("status") == "failed").then(pl.lit("failed:rejected"))
+        pl.when((status == "successful") & pl.col("preexisting")).then(pl.lit("skipped:exists_in_target"))
+        .when(status == "successful").then(pl.lit("successful:created"))
+        .when(status == "skipped").then(pl.lit("skipped:exists_in_target"))
+        .when((status == "failed") & looks_like_conflict).then(pl.lit("failed:conflict"))
+        .when(status == "failed").then(pl.lit("failed:rejected"))
         .otherwise(pl.lit("failed:unprocessed"))
     )
     reason = (
-        pl.when((pl.col("status") == "successful") & pl.col("_preexisting"))
+        pl.when((status == "successful") & pl.col("preexisting"))
         .then(pl.format("created earlier by bulk request {} (same Idempotency-Key)", pl.col("bulk_request_id")))
-        .when(pl.col("status") == "successful").then(None)
-        .when(pl.col("status") == "skipped")
+        .when(status == "successful").then(None)
+        .when(status == "skipped")
         .then(pl.format("the target already holds external_id '{}' in data stream '{}'",
                         pl.col("external_id"), pl.col("data_stream_key")))
-        .when(pl.col("status") == "failed").then(pl.col("error"))
+        .when(status == "failed").then(pl.col("error"))
         .otherwise(pl.format("bulk request {} ended {}{}; a later run sends this row again",
                              pl.col("bulk_request_id"), pl.col("_request_status"),
-                             pl.when(pl.col("_request_error").is_not_null())
-                             .then(pl.lit(": ") + pl.col("_request_error")).otherwise(pl.lit(""))))
+                             pl.when(pl.col("error_message").is_not_null())
+                             .then(pl.lit(": ") + pl.col("error_message")).otherwise(pl.lit(""))))
     )
     parts = outcome_code.str.split_exact(":", 1)
     return rows.with_columns(
         parts.struct.field("field_0").alias("outcome"),
         parts.struct.field("field_1").alias("reason_code"),
         reason.alias("reason"),
-        pl.when(pl.col("status") == "successful").then(pl.col("record_id")).otherwise(None).alias("record_id"),
+        pl.when(status == "successful").then(pl.col("record_id")).otherwise(None).alias("record_id"),
     )
 
 
@@ -305,7 +294,7 @@ def settings_from_pipeline(pipeline: Any) -> RunSettings:
     )
 
 
-def make_target(pipeline: Any, *, started_at: datetime | None = None) -> Target:
+def make_target(pipeline: Any) -> Target:
     """The pipeline's target, not yet connected."""
     from .errors import ConfigError
     from .targets.local import LocalTarget
@@ -313,7 +302,7 @@ def make_target(pipeline: Any, *, started_at: datetime | None = None) -> Target:
     t = pipeline.target
     if t.type == "local":
         streams = [s.model_dump() if hasattr(s, "model_dump") else dict(s) for s in (t.streams or [])]
-        return LocalTarget(Path(t.database), t.environment, streams, started_at=started_at)
+        return LocalTarget(Path(t.database), t.environment, streams)
     raise ConfigError([("target.type", f"target type {t.type!r} is not supported by this version of loader")])
 
 
@@ -330,7 +319,6 @@ def run_pipeline(pipeline: Any, *, vars: Mapping[str, str] | None = None, dry_ru
         check_columns(pipeline.mapping, source.columns)
         run = Run(settings, make_target(pipeline), dry_run=dry_run, on_progress=on_progress,
                   payloads=_payload_writer(payloads_dir))
-        run.target.started_at = run.started_at  # type: ignore[attr-defined]
         files = [str(f) for f in spec.files] if spec.query is None else ["query"]
         return run.execute(source.batches(), lambda: {"files": row_counts(files, source.file_rows)})
 
@@ -340,8 +328,6 @@ def load_frame(frame: pl.DataFrame, settings: RunSettings, target: Target, *, dr
     """Load an in-memory Polars DataFrame with the given settings and target."""
     check_columns(settings.mapping, frame.columns)
     run = Run(settings, target, dry_run=dry_run, on_progress=on_progress)
-    if hasattr(target, "started_at"):
-        target.started_at = run.started_at  # type: ignore[attr-defined]
     return run.execute(frame_batches(frame), lambda: {"files": [{"path": "dataframe", "rows": frame.height}]})
 
 

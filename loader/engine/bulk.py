@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from .currencies import CURRENCIES_VIEW
-from .model import RECORD_COLUMNS, BulkSubmission, check_submissions, conform_records
+from .model import RECORD_COLUMNS, BulkSubmission, check_submissions, concat_records, conform_records
 from .queries import bulk_request_summaries
 from .schema import allocate_ids
 
@@ -278,7 +278,7 @@ def _create_requests(
     )
     # One Arrow table over all requests' rows (zero-copy concatenation): the
     # statements below see every row of every request at once.
-    inputs = pa.concat_tables([r.records for r in new_requests])
+    inputs = concat_records([r.records for r in new_requests])
     request_ids = pa.chunked_array(
         [pa.repeat(pa.scalar(r.bulk_request_id, pa.int64()), r.records.num_rows) for r in new_requests]
     )
@@ -306,14 +306,15 @@ def _create_requests(
         )
         if process:
             rows = (
-                f'(SELECT i."index" * 1000 + q.row_offset AS pos, i.* FROM {_INPUT_VIEW} AS i '
+                f'(SELECT q.row_offset + i."index" AS pos, i.* FROM {_INPUT_VIEW} AS i '
                 f"JOIN {_OPTIONS_VIEW} AS q USING (bulk_request_id))"
             )
             apply_rows(con, environment, rows, row_count, now)
         else:
             columns = ", ".join(RECORD_COLUMNS.names)
             con.execute(
-                f'INSERT INTO _bulk_request_inputs SELECT bulk_request_id, "index", {columns} FROM {_INPUT_VIEW}'
+                f'INSERT INTO _bulk_request_inputs SELECT bulk_request_id, "index", {columns} '
+                f"FROM {_INPUT_VIEW}"
             )
     finally:
         con.unregister(_INPUT_VIEW)

@@ -61,7 +61,7 @@ class Engine:
         try:
             connection = duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as error:
-            if "lock" in str(error).lower():
+            if "could not set lock" in str(error).lower():
                 pid = re.search(r"PID (\d+)", str(error))
                 holder = f" (PID {pid.group(1)})" if pid else ""
                 raise LockedError(
@@ -209,12 +209,11 @@ class Engine:
                 with self._transaction() as con:
                     budget = slice_rows if fail_after is None else min(slice_rows, fail_after - done_here)
                     if budget <= 0:
-                        lifecycle.fail(
-                            con,
-                            bulk_request_id,
-                            f"processing failed after {done_here} rows (injected failure, fail_after={fail_after})",
-                            utc_now(),
+                        message = (
+                            f"processing failed after {done_here} rows "
+                            f"(injected failure, fail_after={fail_after})"
                         )
+                        lifecycle.fail(con, bulk_request_id, message, utc_now())
                         break
                     applied, more = lifecycle.process_slice(con, bulk_request_id, budget, utc_now())
                     done_here += applied
@@ -224,7 +223,14 @@ class Engine:
                     break
         return worked
 
-    def get_bulk_request(self, environment: str, bulk_request_id: int, *, limit: int = 50, offset: int = 0) -> dict:
+    def existing_idempotency_keys(self, environment: str, keys: Sequence[str]) -> list[str]:
+        """Which of these Idempotency-Keys already name a bulk request of the environment."""
+        with self._transaction() as con:
+            return queries.existing_idempotency_keys(con, environment, keys)
+
+    def get_bulk_request(
+        self, environment: str, bulk_request_id: int, *, limit: int = 50, offset: int = 0
+    ) -> dict:
         """GET /bulk_requests/{id}: the request and a page of per-row results; NotFound when unknown."""
         with self._transaction() as con:
             return queries.get_bulk_request(con, environment, bulk_request_id, limit=limit, offset=offset)

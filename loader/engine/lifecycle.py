@@ -28,7 +28,8 @@ def runnable_ids(con: duckdb.DuckDBPyConnection, bulk_request_ids: Sequence[int]
     advanced its counters, so it continues where it stopped.
     """
     if bulk_request_ids is None:
-        return [i for (i,) in con.execute("SELECT id FROM bulk_requests WHERE status = 'pending' ORDER BY id").fetchall()]
+        pending = con.execute("SELECT id FROM bulk_requests WHERE status = 'pending' ORDER BY id").fetchall()
+        return [i for (i,) in pending]
     wanted = [int(i) for i in bulk_request_ids]
     runnable = {
         i
@@ -54,7 +55,9 @@ def start(con: duckdb.DuckDBPyConnection, bulk_request_id: int, now: datetime) -
     return bool(started)
 
 
-def process_slice(con: duckdb.DuckDBPyConnection, bulk_request_id: int, max_rows: int, now: datetime) -> tuple[int, bool]:
+def process_slice(
+    con: duckdb.DuckDBPyConnection, bulk_request_id: int, max_rows: int, now: datetime
+) -> tuple[int, bool]:
     """Apply the next at most `max_rows` unprocessed rows of a processing request.
 
     Returns (rows applied, whether the request is still processing). Stops
@@ -76,7 +79,8 @@ def process_slice(con: duckdb.DuckDBPyConnection, bulk_request_id: int, max_rows
         con.execute(
             f"""
             CREATE OR REPLACE TEMP TABLE _slice AS
-            SELECT (row_number() OVER (ORDER BY "index") - 1) AS pos, bulk_request_id, "index", {_INPUT_COLUMNS}
+            SELECT (row_number() OVER (ORDER BY "index") - 1) AS pos,
+                   bulk_request_id, "index", {_INPUT_COLUMNS}
             FROM (
                 SELECT * FROM _bulk_request_inputs WHERE bulk_request_id = $id
                 ORDER BY "index" LIMIT $rows OFFSET $processed
@@ -96,7 +100,8 @@ def process_slice(con: duckdb.DuckDBPyConnection, bulk_request_id: int, max_rows
     if status == "processing" and processed + applied >= total:
         # Only reached for a request with nothing left (apply_rows completes the others).
         con.execute(
-            "UPDATE bulk_requests SET status = 'completed', completed_at = ? WHERE id = ?", [now, bulk_request_id]
+            "UPDATE bulk_requests SET status = 'completed', completed_at = ? WHERE id = ?",
+            [now, bulk_request_id],
         )
         status = "completed"
     if status == "completed":
@@ -155,7 +160,9 @@ def retry(
     )
     [(count, keys)] = con.execute(
         """
-        SELECT count(*), coalesce(list_sort(list(DISTINCT data_stream_key) FILTER (WHERE data_stream_key IS NOT NULL)), [])
+        SELECT count(*),
+               coalesce(list_sort(list(DISTINCT data_stream_key)
+                                  FILTER (WHERE data_stream_key IS NOT NULL)), [])
         FROM _bulk_request_inputs WHERE bulk_request_id = ?
         """,
         [new_id],

@@ -43,6 +43,9 @@ def check_submissions(submissions) -> None:
     for position, submission in enumerate(submissions):
         if not isinstance(submission, BulkSubmission):
             raise TypeError(f"submission {position} is a {type(submission).__name__}, not a BulkSubmission")
+        if not isinstance(submission.records, pa.Table):
+            kind = type(submission.records).__name__
+            raise TypeError(f"submission {position}: records must be a pyarrow.Table, not {kind}")
         if submission.on_conflict not in ON_CONFLICT_CHOICES:
             raise BadRequest(
                 f"on_conflict must be 'skip' or 'error', not {submission.on_conflict!r}"
@@ -63,10 +66,21 @@ def _which(position: int, submission: BulkSubmission) -> str:
     return f" (submission {position}{key})"
 
 
-def conform_records(table: pa.Table) -> pa.Table:
-    """`table` with exactly RECORD_COLUMNS: missing columns become nulls, others are cast.
+def _readable_as(actual: pa.DataType, wanted: pa.DataType) -> bool:
+    # DuckDB reads every Arrow string layout; casting large_string (what
+    # polars produces) slice by slice would cost more than the rest of a submit.
+    if pa.types.is_string(wanted):
+        string_layouts = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+        return any(is_layout(actual) for is_layout in string_layouts)
+    return actual == wanted
 
-    Extra columns are dropped, so callers may pass their wider frames.
+
+def conform_records(table: pa.Table) -> pa.Table:
+    """`table` with the columns of RECORD_COLUMNS, in order: missing ones become nulls.
+
+    Types are cast to RECORD_COLUMNS' unless DuckDB reads them as they are
+    (any string layout). Extra columns are dropped, so callers may pass
+    their wider frames. A column that cannot be cast is a BadRequest.
     """
     if not isinstance(table, pa.Table):
         raise TypeError(f"records must be a pyarrow.Table, not {type(table).__name__}")
@@ -74,11 +88,24 @@ def conform_records(table: pa.Table) -> pa.Table:
         return table
     columns = []
     for field in RECORD_COLUMNS:
-        if field.name in table.column_names:
-            column = table.column(field.name)
-            if column.type != field.type:
+        if field.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        if not _readable_as(column.type, field.type):
+            try:
                 column = column.cast(field.type)
-        else:
-            column = pa.nulls(table.num_rows, field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+                raise BadRequest(
+                    f"records column {field.name!r} cannot be read as {field.type}: {error}"
+                ) from None
         columns.append(column)
-    return pa.Table.from_arrays(columns, schema=RECORD_COLUMNS)
+    return pa.Table.from_arrays(columns, names=RECORD_COLUMNS.names)
+
+
+def concat_records(tables: list[pa.Table]) -> pa.Table:
+    """One table of the conformed `tables`, zero-copy when their layouts agree."""
+    first = tables[0].schema
+    if all(table.schema.equals(first) for table in tables):
+        return pa.concat_tables(tables)
+    return pa.concat_tables([table.cast(RECORD_COLUMNS) for table in tables])

@@ -14,7 +14,9 @@ from .model import RECORD_COLUMNS
 _STRING_FIELDS = ("date", "data_stream_key", "currency", "direction", "description", "external_id")
 _REQUIRED = ("date", "data_stream_key", "amount")
 # Checked in this order; the first problem of a row is its input_error.
-_FIELD_ORDER = ("date", "data_stream_key", "amount", "currency", "direction", "description", "external_id", "metadata")
+_FIELD_ORDER = (
+    "date", "data_stream_key", "amount", "currency", "direction", "description", "external_id", "metadata",
+)
 
 _memory_lock = threading.Lock()
 _memory: duckdb.DuckDBPyConnection | None = None
@@ -47,7 +49,9 @@ def _field_checks(field: str) -> list[str]:
     if field in _REQUIRED:
         checks.append(f"WHEN {absent} THEN '{field}: is required'")
     if field in _STRING_FIELDS:
-        checks.append(f"WHEN NOT {absent} AND {t} <> 'VARCHAR' THEN '{field}: must be a string, not ' || {_kind(t)}")
+        checks.append(
+            f"WHEN NOT {absent} AND {t} <> 'VARCHAR' THEN '{field}: must be a string, not ' || {_kind(t)}"
+        )
     elif field == "amount":
         checks.append(
             f"WHEN NOT {absent} AND {t} NOT IN ('BIGINT', 'UBIGINT') "
@@ -58,16 +62,25 @@ def _field_checks(field: str) -> list[str]:
             "THEN 'amount: ' || (r->>'$.amount') || ' is out of the 64-bit integer range'"
         )
     elif field == "metadata":
-        checks.append(f"WHEN NOT {absent} AND {t} <> 'OBJECT' THEN 'metadata: must be a JSON object, not ' || {_kind(t)}")
+        checks.append(
+            f"WHEN NOT {absent} AND {t} <> 'OBJECT' "
+            f"THEN 'metadata: must be a JSON object, not ' || {_kind(t)}"
+        )
     return checks
 
 
 def _build_sql() -> str:
     types = ",\n".join(f"json_type(r, '$.{field}') AS {field}_t" for field in _FIELD_ORDER)
-    values = [f"CASE WHEN {field}_t = 'VARCHAR' THEN r->>'$.{field}' END AS {field}" for field in _STRING_FIELDS]
-    values.append("CASE WHEN amount_t IN ('BIGINT', 'UBIGINT') THEN try_cast(r->>'$.amount' AS BIGINT) END AS amount")
+    values = [
+        f"CASE WHEN {field}_t = 'VARCHAR' THEN r->>'$.{field}' END AS {field}" for field in _STRING_FIELDS
+    ]
+    values.append(
+        "CASE WHEN amount_t IN ('BIGINT', 'UBIGINT') THEN try_cast(r->>'$.amount' AS BIGINT) END AS amount"
+    )
     values.append("CASE WHEN metadata_t = 'OBJECT' THEN CAST(r->'$.metadata' AS VARCHAR) END AS metadata")
-    checks = [f"WHEN rt IS DISTINCT FROM 'OBJECT' THEN 'record: must be a JSON object, not ' || {_kind('rt')}"]
+    checks = [
+        f"WHEN rt IS DISTINCT FROM 'OBJECT' THEN 'record: must be a JSON object, not ' || {_kind('rt')}"
+    ]
     for field in _FIELD_ORDER:
         checks.extend(_field_checks(field))
     values.append("CASE " + "\n".join(checks) + " END AS input_error")
@@ -107,7 +120,9 @@ def normalize_json_records(records_json: str | bytes) -> pa.Table:
         [(valid,)] = con.execute("SELECT json_valid($records)", {"records": records_json}).fetchall()
         if not valid:
             raise Unprocessable("records: not valid JSON")
-        [(kind,)] = con.execute("SELECT json_type(CAST($records AS JSON))", {"records": records_json}).fetchall()
+        [(kind,)] = con.execute(
+            "SELECT json_type(CAST($records AS JSON))", {"records": records_json}
+        ).fetchall()
         if kind != "ARRAY":
             raise Unprocessable(f"records: must be an array, not {_PLAIN_KIND.get(kind, 'null')}")
         table = con.sql(_SQL, params={"records": records_json}).to_arrow_table()

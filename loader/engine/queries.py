@@ -129,6 +129,23 @@ def bulk_request_summaries(
     return [dict(by_id[bulk_request_id]) for bulk_request_id in bulk_request_ids]
 
 
+def existing_idempotency_keys(
+    con: duckdb.DuckDBPyConnection, environment: str, keys: Sequence[str]
+) -> list[str]:
+    """The keys of `keys` that a bulk request of the environment already holds, sorted."""
+    wanted = sorted({key for key in keys if key is not None})
+    if not wanted:
+        return []
+    return [
+        key
+        for (key,) in con.execute(
+            "SELECT idempotency_key FROM bulk_requests "
+            "WHERE environment = ? AND list_contains(?::VARCHAR[], idempotency_key) ORDER BY 1",
+            [environment, wanted],
+        ).fetchall()
+    ]
+
+
 def find_bulk_request(con: duckdb.DuckDBPyConnection, environment: str, bulk_request_id: int) -> dict:
     """The full bulk request (without results); NotFound if not of this environment."""
     rows = rows_as_dicts(
@@ -218,12 +235,14 @@ def list_bulk_requests(
         raise Unprocessable(f"status must be one of {', '.join(BULK_REQUEST_STATUSES)}, not {status!r}")
     conditions = ["environment = $environment"]
     params: dict[str, Any] = {"environment": environment, "limit": limit + 1}
+    after = _timestamp_filter("created_after", created_after)
+    before = _timestamp_filter("created_before", created_before)
     filters = {
         "data_stream_key": (data_stream_key, "list_contains(data_stream_keys, $data_stream_key)"),
         "status": (status, "status = $status"),
         "source": (source, "source = $source"),
-        "created_after": (_timestamp_filter("created_after", created_after), "created_at > $created_after"),
-        "created_before": (_timestamp_filter("created_before", created_before), "created_at < $created_before"),
+        "created_after": (after, "created_at > $created_after"),
+        "created_before": (before, "created_at < $created_before"),
     }
     if cursor is not None:
         filters["before_id"] = (decode_cursor(cursor), "id < $before_id")

@@ -47,7 +47,12 @@ def _existing_keys(con: duckdb.DuckDBPyConnection, environment: str) -> set[str]
 
 
 def create_streams(
-    con: duckdb.DuckDBPyConnection, environment: str, streams: list[dict], now: datetime, *, skip_existing: bool
+    con: duckdb.DuckDBPyConnection,
+    environment: str,
+    streams: list[dict],
+    now: datetime,
+    *,
+    skip_existing: bool,
 ) -> list[str]:
     """Create streams (dicts with key, name, type?, description?); the keys created.
 
@@ -65,7 +70,9 @@ def create_streams(
         if stream["key"] in taken:
             if skip_existing:
                 continue
-            raise Unprocessable(f"key: data stream {stream['key']!r} already exists in environment {environment!r}")
+            raise Unprocessable(
+                f"key: data stream {stream['key']!r} already exists in environment {environment!r}"
+            )
         taken.add(stream["key"])
         wanted.append(stream)
     if not wanted:

@@ -1,8 +1,8 @@
 """The one seam between the pipeline and a target: the `Target` protocol.
 
-The pipeline hands a target a group of chunks and gets back, per chunk, the
-bulk request that holds it and the per-row results. It never knows whether the
-target is the local engine or the HTTP API.
+The pipeline hands a target the chunks of a batch and gets back, as two
+frames, the bulk request that holds each chunk and the per-row results. It
+never knows whether the target is the local engine or the HTTP API.
 """
 
 from __future__ import annotations
@@ -15,19 +15,28 @@ import polars as pl
 
 from ..chunk import Chunk
 
-ITEM_SCHEMA = {"index": pl.Int64, "status": pl.String, "record_id": pl.Int64, "error": pl.String}
+REQUEST_SCHEMA = {
+    "chunk": pl.Int64,  # Chunk.number
+    "bulk_request_id": pl.Int64,
+    "status": pl.String,  # completed | failed | cancelled
+    "error_message": pl.String,
+    "preexisting": pl.Boolean,  # the Idempotency-Key named a request made before this run
+}
+ITEM_SCHEMA = {
+    "chunk": pl.Int64,
+    "index": pl.Int64,  # position in the chunk's records
+    "status": pl.String,  # successful | failed | skipped; unprocessed rows have no item
+    "record_id": pl.Int64,
+    "error": pl.String,
+}
 
 
 @dataclass(frozen=True)
-class ChunkResult:
-    """What the target says about one chunk."""
+class SendResult:
+    """What the target says about a group of chunks: REQUEST_SCHEMA and ITEM_SCHEMA frames."""
 
-    chunk: Chunk
-    bulk_request_id: int
-    status: str  # completed | failed | cancelled
-    items: pl.DataFrame  # ITEM_SCHEMA: one row per processed record; unprocessed rows are absent
-    error_message: str | None = None
-    preexisting: bool = False  # the Idempotency-Key named a request made before this run
+    requests: pl.DataFrame
+    items: pl.DataFrame
 
 
 class Target(Protocol):
@@ -43,7 +52,7 @@ class Target(Protocol):
         """Check the target can be used (and create the pipeline's streams) before loading."""
         ...
 
-    def send(self, chunks: Sequence[Chunk], *, on_conflict: str) -> list[ChunkResult]:
+    def send(self, chunks: Sequence[Chunk], *, on_conflict: str) -> SendResult:
         """Submit the chunks (idempotently) and wait until each is final."""
         ...
 

@@ -8,14 +8,13 @@ process them one after another.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 
 import polars as pl
 
 from ..chunk import Chunk
 from ..engine import BulkSubmission, Engine
-from .base import ITEM_SCHEMA, ChunkResult
+from .base import ITEM_SCHEMA, REQUEST_SCHEMA, SendResult
 
 RECORD_FIELDS = ("date", "data_stream_key", "amount", "currency", "direction", "description", "external_id", "metadata")
 
@@ -39,12 +38,11 @@ class LocalTarget:
     """Loads into the local engine's database file."""
 
     def __init__(self, database: Path, environment: str = "default", streams: Sequence[dict] = (),
-                 *, started_at: datetime | None = None, fail_jobs_after: int | None = None):
+                 *, fail_jobs_after: int | None = None):
         self.database = Path(database)
         self.environment = environment
         self.streams = list(streams)
         self.target_key = f"local:{self.database}#{environment}"
-        self.started_at = started_at
         # Fault injection, as `loader serve --fail-rate` has: each new job fails after N rows.
         self.fail_jobs_after = fail_jobs_after
         self._engine: Engine | None = None
@@ -64,62 +62,50 @@ class LocalTarget:
         if self.streams:
             self.engine.ensure_streams(self.environment, self.streams)
 
-    def send(self, chunks: Sequence[Chunk], *, on_conflict: str) -> list[ChunkResult]:
+    def send(self, chunks: Sequence[Chunk], *, on_conflict: str) -> SendResult:
         if not chunks:
-            return []
+            return SendResult(pl.DataFrame(schema=REQUEST_SCHEMA), pl.DataFrame(schema=ITEM_SCHEMA))
+        # The chunks are consecutive slices of one batch: convert once, then slice (zero-copy).
+        table = records_table(pl.concat([chunk.rows for chunk in chunks], rechunk=False))
+        offsets = [0]
+        for chunk in chunks:
+            offsets.append(offsets[-1] + len(chunk))
         submissions = [
             BulkSubmission(
-                records=records_table(chunk.rows),
+                records=table.slice(offsets[i], len(chunk)),
                 on_conflict=on_conflict,
                 idempotency_key=chunk.idempotency_key,
                 source="loader",
             )
-            for chunk in chunks
+            for i, chunk in enumerate(chunks)
         ]
+        keys = [chunk.idempotency_key for chunk in chunks]
+        preexisting = set(self.engine.existing_idempotency_keys(self.environment, keys))
         if self.fail_jobs_after is None:
             summaries = self.engine.submit(self.environment, submissions, process=True)
         else:
             pending = self.engine.submit(self.environment, submissions, process=False)
             self.engine.process_pending([int(s["id"]) for s in pending], fail_after=self.fail_jobs_after)
             summaries = [self.engine.get_bulk_request(self.environment, int(s["id"]), limit=1) for s in pending]
-        ids = [int(s["id"]) for s in summaries]
-        items = self.engine.bulk_request_items(self.environment, ids)
-        by_request = {key[0]: frame for key, frame in items.partition_by("bulk_request_id", as_dict=True).items()}
-        results = []
-        for chunk, summary in zip(chunks, summaries):
-            request_id = int(summary["id"])
-            frame = by_request.get(request_id)
-            frame = (
-                frame.select(list(ITEM_SCHEMA)).cast(ITEM_SCHEMA)
-                if frame is not None
-                else pl.DataFrame(schema=ITEM_SCHEMA)
-            )
-            created_at = summary.get("created_at")
-            results.append(
-                ChunkResult(
-                    chunk=chunk,
-                    bulk_request_id=request_id,
-                    status=summary["status"],
-                    items=frame,
-                    error_message=summary.get("error_message"),
-                    preexisting=bool(
-                        self.started_at is not None and created_at is not None and _before(created_at, self.started_at)
-                    ),
-                )
-            )
-        return results
+        requests = pl.DataFrame(
+            {
+                "chunk": [chunk.number for chunk in chunks],
+                "bulk_request_id": [int(s["id"]) for s in summaries],
+                "status": [s["status"] for s in summaries],
+                "error_message": [s.get("error_message") for s in summaries],
+                "preexisting": [key in preexisting for key in keys],
+            },
+            schema=REQUEST_SCHEMA,
+        )
+        items = (
+            self.engine.bulk_request_items(self.environment, requests["bulk_request_id"].to_list())
+            .join(requests.select("bulk_request_id", "chunk"), on="bulk_request_id")
+            .select(list(ITEM_SCHEMA))
+            .cast(ITEM_SCHEMA)
+        )
+        return SendResult(requests=requests, items=items)
 
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
-
-
-def _before(created_at: object, started_at: datetime) -> bool:
-    if isinstance(created_at, str):
-        created_at = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
-    if isinstance(created_at, datetime):
-        if created_at.tzinfo is None:
-            return created_at < started_at.replace(tzinfo=None)
-        return created_at < started_at
-    return False

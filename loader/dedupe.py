@@ -6,12 +6,9 @@ description, metadata) plus its occurrence number among identical rows of the
 same source, so running the same file twice loads each of two identical rows
 once, and a third identical row added later is new.
 
-Keys are 128-bit md5 hashes, kept as two unsigned 64-bit halves (`key_hi`,
-`key_lo`), and hash in the target environment's key, so the cache of one
-environment never answers for another. md5 comes from DuckDB: unlike Polars'
-own hash it is the same in every version, and the cache outlives upgrades.
-`content_hi`/`content_lo` digest the whole row; chunk.py builds each
-Idempotency-Key from them.
+Keys are 128-bit md5 hashes (hashing.py), kept as two unsigned 64-bit halves
+(`key_hi`, `key_lo`), and hash in the target environment's key, so the cache of
+one environment never answers for another.
 
 Duplicates across batches are found through a scratch DuckDB file that lives
 for one run, so memory stays bounded however long the source is.
@@ -27,29 +24,12 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
+from .hashing import md5_halves, short_tag
 from .source import SOURCE_FILE, SOURCE_ROW
 
 KEY = ["key_hi", "key_lo"]
 CONTENT = ["content_hi", "content_lo"]
 _SEP, _NULL = "\x1f", "\x1e"
-_HALVES = "(({h}) >> 64)::ubigint as {name}_hi, (({h}) & 18446744073709551615::uhugeint)::ubigint as {name}_lo"
-
-# One pass over the batch, projections only, so DuckDB keeps the rows in order.
-_HASHES = f"""
-select {_HALVES.format(h="md5_number(content)", name="content")},
-    case when external_id is not null then md5_number($target || chr(31) || 'id' || chr(31) || data_stream_key
-        || chr(31) || external_id) end as _key
-from _batch
-"""
-_HASHES = f"select content_hi, content_lo, {_HALVES.format(h='_key', name='key')} from ({_HASHES})"
-
-_IDLESS_KEYS = f"""
-select {_HALVES.format(
-    h="md5_number($target || chr(31) || 'fp' || chr(31) || content_hi::varchar || chr(31) || content_lo::varchar"
-      " || chr(31) || occurrence::varchar)",
-    name="key")}
-from _idless
-"""
 
 
 def content_text() -> pl.Expr:
@@ -73,7 +53,7 @@ def content_text() -> pl.Expr:
 class Deduplicated:
     """One batch after within-source dedupe."""
 
-    unique: pl.DataFrame  # rows to go on, with key_hi/key_lo and content_hi/content_lo
+    unique: pl.DataFrame  # rows to go on, with key_hi/key_lo (and content_hi/content_lo when id-less)
     duplicates: pl.DataFrame  # repeated rows, with `reason` naming the first occurrence
 
 
@@ -82,6 +62,7 @@ class SourceDeduper:
 
     def __init__(self, target_key: str, *, scratch_dir: Path | None = None):
         self.target_key = target_key
+        self.target_tag = short_tag(target_key)  # keeps the hashed texts short
         fd, self._path = tempfile.mkstemp(suffix=".duckdb", prefix="loader-run-", dir=scratch_dir)
         os.close(fd)
         os.unlink(self._path)  # DuckDB wants to create the file itself
@@ -95,61 +76,64 @@ class SourceDeduper:
         """Key the batch, and split off rows whose key an earlier row already had."""
         keyed = self._keyed(valid)
         has_id = pl.col("external_id").is_not_null()
-        earlier = self._seen(keyed.filter(has_id).select(KEY).unique())
-        marked = keyed.join(
-            earlier.rename({SOURCE_FILE: "_seen_file", SOURCE_ROW: "_seen_row"}), on=KEY, how="left",
-            maintain_order="left",
-        ).with_columns(
-            # Id-less keys are unique by construction (occurrence numbers), so this only catches ids.
-            (pl.col("_seen_file").is_not_null() | ~pl.struct(KEY).is_first_distinct()).alias("_duplicate"),
-            pl.coalesce("_seen_file", pl.col(SOURCE_FILE).first().over(KEY)).alias("_first_file"),
-            pl.coalesce("_seen_row", pl.col(SOURCE_ROW).first().over(KEY)).alias("_first_row"),
-        )
-        self._remember(marked.filter(has_id & ~pl.col("_duplicate")).select(*KEY, SOURCE_FILE, SOURCE_ROW))
-        duplicates = marked.filter(pl.col("_duplicate")).with_columns(
-            pl.format("same data_stream_key and external_id as {} row {}", pl.col("_first_file"),
-                      pl.col("_first_row")).alias("reason")
-        )
-        helpers = ["_seen_file", "_seen_row", "_duplicate", "_first_file", "_first_row"]
-        return Deduplicated(
-            unique=marked.filter(~pl.col("_duplicate")).drop(helpers),
-            duplicates=duplicates.drop(helpers),
-        )
+        earlier = self._seen(keyed.select(*KEY, "external_id").filter(has_id).select(KEY).unique())
+        # Id-less keys are unique by construction (occurrence numbers), so this only catches ids.
+        repeated = ~pl.struct(KEY).is_first_distinct()
+        if earlier.height:
+            repeated = repeated | pl.struct(KEY).is_in(earlier.select(pl.struct(KEY)).to_series().implode())
+        is_duplicate = keyed.select(repeated).to_series()
+        unique = keyed.filter(~is_duplicate)
+        firsts = unique.select(*KEY, SOURCE_FILE, SOURCE_ROW, "external_id").filter(has_id).drop("external_id")
+        self._remember(firsts)
+        duplicates = keyed.filter(is_duplicate)
+        if duplicates.height:
+            # Name the first occurrence: from an earlier batch, else from this one.
+            duplicates = duplicates.join(
+                pl.concat([earlier, firsts]).rename({SOURCE_FILE: "_first_file", SOURCE_ROW: "_first_row"}), on=KEY, how="left",
+                maintain_order="left",
+            ).with_columns(
+                pl.format("same data_stream_key and external_id as {} row {}", pl.col("_first_file"),
+                          pl.col("_first_row")).alias("reason")
+            ).drop("_first_file", "_first_row")
+        else:
+            duplicates = duplicates.with_columns(pl.lit(None, dtype=pl.String).alias("reason"))
+        return Deduplicated(unique=unique, duplicates=duplicates)
 
     # -- keys -----------------------------------------------------------------
     def _keyed(self, valid: pl.DataFrame) -> pl.DataFrame:
-        batch = valid.select("data_stream_key", "external_id", content_text().alias("content"))
-        hashes = self._query(_HASHES, _batch=batch)
-        keyed = pl.concat([valid, hashes], how="horizontal")
-        idless = keyed.filter(pl.col("external_id").is_null())
-        if idless.height == 0:
+        """Add key_hi/key_lo; id-less rows also get content_hi/content_lo (their key needs it)."""
+        has_id = pl.col("external_id").is_not_null()
+        id_text = pl.concat_str(
+            [pl.lit(self.target_tag), pl.lit("id"), pl.col("data_stream_key"), pl.col("external_id")], separator=_SEP
+        )
+        keys = md5_halves(valid.select(pl.when(has_id).then(id_text)).to_series(), names=KEY)
+        keyed = pl.concat([valid, keys], how="horizontal").with_columns(
+            pl.lit(None, dtype=pl.UInt64).alias(CONTENT[0]), pl.lit(None, dtype=pl.UInt64).alias(CONTENT[1])
+        )
+        positions = keyed.select(pl.arg_where(~has_id)).to_series()
+        if positions.len() == 0:
             return keyed
-        prior = self._prior_counts(idless.select(CONTENT).unique())
+        idless = keyed[positions]
+        contents = md5_halves(idless.select(content_text()).to_series(), names=CONTENT)
+        prior = self._prior_counts(contents.unique())
         occurrences = (
-            idless.select(*CONTENT)
-            .with_row_index("_pos")
+            contents.with_row_index("_pos")
             .join(prior, on=CONTENT, how="left", maintain_order="left")
             .with_columns(
                 (pl.int_range(pl.len()).over(CONTENT) + 1 + pl.col("n").fill_null(0)).alias("occurrence")
             )
             .sort("_pos")
         )
-        self._count(idless.group_by(CONTENT).len("n"))
-        idless_keys = self._query(_IDLESS_KEYS, _idless=occurrences.select(*CONTENT, "occurrence"))
-        positions = keyed.select(pl.arg_where(pl.col("external_id").is_null())).to_series()
-        return keyed.with_columns(
-            keyed["key_hi"].scatter(positions, idless_keys["key_hi"]),
-            keyed["key_lo"].scatter(positions, idless_keys["key_lo"]),
+        self._count(contents.group_by(CONTENT).len("n"))
+        fp_text = pl.concat_str(
+            [pl.lit(self.target_tag), pl.lit("fp"), *[pl.col(c).cast(pl.String) for c in (*CONTENT, "occurrence")]],
+            separator=_SEP,
         )
-
-    def _query(self, sql: str, **tables: pl.DataFrame) -> pl.DataFrame:
-        for name, frame in tables.items():
-            self.con.register(name, frame.to_arrow())
-        try:
-            return self.con.sql(sql, params={"target": self.target_key}).pl()
-        finally:
-            for name in tables:
-                self.con.unregister(name)
+        idless_keys = md5_halves(occurrences.select(fp_text).to_series(), names=KEY)
+        return keyed.with_columns(
+            *[keyed[name].scatter(positions, idless_keys[name]) for name in KEY],
+            *[keyed[name].scatter(positions, contents[name]) for name in CONTENT],
+        )
 
     def _prior_counts(self, contents: pl.DataFrame) -> pl.DataFrame:
         self.con.register("_contents", contents.to_arrow())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from functools import cache
 from typing import Any
 
 import duckdb
@@ -63,25 +64,69 @@ def check_columns(mapping: Any, columns: Sequence[str]) -> None:
 
 
 def map_batch(frame: pl.DataFrame, mapping: Any) -> pl.DataFrame:
-    """Map one batch of source rows onto the record contract (see module docstring)."""
+    """Map one batch of source rows onto the record contract (see module docstring).
+
+    Conversion runs on every row; the text of an error is built only for the
+    rows that have one, since most rows have none.
+    """
     schema = frame.schema
-    stage1 = frame.select(
-        pl.col(SOURCE_FILE),
-        pl.col(SOURCE_ROW),
-        *_date(mapping.date, schema),
-        _text_field(mapping.data_stream_key, schema).alias("data_stream_key"),
-        _text_field(getattr(mapping, "currency", None), schema, fallback=DEFAULT_CURRENCY)
-        .str.to_uppercase()
-        .alias("currency"),
-        _amount_text(mapping.amount, schema).alias("_amount_text"),
-        *_direction(getattr(mapping, "direction", None), schema),
-        _text_field(getattr(mapping, "description", None), schema).alias("description"),
-        _text_field(getattr(mapping, "external_id", None), schema).alias("external_id"),
-        _metadata(getattr(mapping, "metadata", None), schema).alias("metadata"),
-    )
     unit = getattr(mapping.amount, "unit", "major")
-    mapped = _convert_amount(stage1, minor_units=(unit == "minor"))
-    return _check_metadata_json(mapped, getattr(mapping, "metadata", None))
+    metadata_spec = getattr(mapping, "metadata", None)
+    converted = (
+        frame.lazy()
+        .select(
+            pl.col(SOURCE_FILE),
+            pl.col(SOURCE_ROW),
+            *_date(mapping.date, schema),
+            _text_field(mapping.data_stream_key, schema).alias("data_stream_key"),
+            _text_field(getattr(mapping, "currency", None), schema, fallback=DEFAULT_CURRENCY)
+            .str.to_uppercase()
+            .alias("currency"),
+            _amount_text(mapping.amount, schema).alias("_amount_text"),
+            *_direction(getattr(mapping, "direction", None), schema),
+            _text_field(getattr(mapping, "description", None), schema).alias("description"),
+            _text_field(getattr(mapping, "external_id", None), schema).alias("external_id"),
+            _metadata(metadata_spec, schema).alias("metadata"),
+        )
+        .join(_rates(minor_units=(unit == "minor")).lazy(), on="currency", how="left", maintain_order="left")
+        .with_columns(_amount_parts())
+        .with_columns(_amount_problem().alias("_amount_problem"))
+        .with_columns(_minor_units().alias("amount"))
+        .collect()
+    )
+    converted = _check_metadata_json(converted, metadata_spec)
+    return _with_error_texts(converted, minor_units=(unit == "minor"))
+
+
+def _with_error_texts(converted: pl.DataFrame, *, minor_units: bool) -> pl.DataFrame:
+    """Turn the problem markers into `error_<field>` texts, computed on the failing rows only."""
+    problems = {
+        "date": pl.col("_date_text").is_not_null() & pl.col("date").is_null(),
+        "currency": pl.col("exponent").is_null(),
+        "amount": pl.col("_amount_problem").is_not_null(),
+        "direction": pl.col("_direction_text").is_not_null() & pl.col("direction").is_null(),
+        "metadata": pl.col("_metadata_problem").is_not_null(),
+    }
+    failing = converted.select(pl.arg_where(pl.any_horizontal(*problems.values()))).to_series()
+    texts = converted[failing].select(
+        pl.when(problems["date"])
+        .then(pl.format("'{}' is not a date in format {}", _shown(pl.col("_date_text")), pl.col("_date_format")))
+        .alias("error_date"),
+        pl.when(problems["currency"])
+        .then(pl.format("'{}' is not an ISO 4217 currency", _shown(pl.col("currency"))))
+        .alias("error_currency"),
+        _amount_error_text(minor_units).alias("error_amount"),
+        pl.when(problems["direction"])
+        .then(pl.format("'{}' is not a key of mapping.direction.map", _shown(pl.col("_direction_text"))))
+        .alias("error_direction"),
+        pl.col("_metadata_problem").alias("error_metadata"),
+    )
+    nulls = pl.repeat(None, converted.height, dtype=pl.String, eager=True)
+    errors = [nulls.alias(name).scatter(failing, texts[name]) for name in texts.columns]
+    return converted.drop(
+        "_date_text", "_date_format", "_amount_text", "_amount_problem", "_direction_text", "_metadata_problem",
+        "exponent", "scale", "frac_divisor", "_integer_digits", "_fraction",
+    ).with_columns(errors)
 
 
 # -- fields -------------------------------------------------------------------
@@ -132,33 +177,26 @@ def _shown(text: pl.Expr) -> pl.Expr:
 
 
 def _date(spec: Any, schema: Mapping[str, pl.DataType]) -> list[pl.Expr]:
+    """`date`, plus `_date_text`/`_date_format` to explain a failure (null text: nothing to explain)."""
     expr, dtype = _raw(spec, schema)
     default = getattr(spec, "default", None)
-    if default is not None and dtype == pl.Date:
-        expr = expr.fill_null(pl.lit(default, dtype=pl.Date))
-    if dtype == pl.Date:
-        return [expr.alias("date"), pl.lit(None, dtype=pl.String).alias("error_date")]
-    if isinstance(dtype, pl.Datetime):
-        return [expr.dt.date().alias("date"), pl.lit(None, dtype=pl.String).alias("error_date")]
+    no_text = pl.lit(None, dtype=pl.String)
+    if dtype == pl.Date or isinstance(dtype, pl.Datetime):
+        value = expr if dtype == pl.Date else expr.dt.date()
+        if default is not None:
+            value = value.fill_null(pl.lit(default, dtype=pl.Date))
+        return [value.alias("date"), no_text.alias("_date_text"), no_text.alias("_date_format")]
     text = _text(expr)
     fmt = getattr(spec, "format", None)
     if fmt:
         parsed = text.str.strptime(pl.Date, fmt, strict=False, exact=True)
-        expected = fmt
     else:
         # ISO 8601: a date, or the date part of a timestamp.
         date_part = pl.when(text.str.slice(10, 1).is_in(["T", " "])).then(text.str.slice(0, 10)).otherwise(text)
         parsed = date_part.str.strptime(pl.Date, "%Y-%m-%d", strict=False, exact=True)
-        expected = "YYYY-MM-DD"
-    error = (
-        pl.when(text.is_not_null() & parsed.is_null())
-        .then(pl.format("'{}' is not a date in format {}", _shown(text), pl.lit(expected)))
-        .otherwise(None)
-    )
-    default = getattr(spec, "default", None)
     if default is not None:
         parsed = pl.when(text.is_null()).then(pl.lit(default, dtype=pl.Date)).otherwise(parsed)
-    return [parsed.alias("date"), error.alias("error_date")]
+    return [parsed.alias("date"), text.alias("_date_text"), pl.lit(fmt or "YYYY-MM-DD").alias("_date_format")]
 
 
 def _amount_text(spec: Any, schema: Mapping[str, pl.DataType]) -> pl.Expr:
@@ -173,84 +211,92 @@ def _amount_text(spec: Any, schema: Mapping[str, pl.DataType]) -> pl.Expr:
     return text
 
 
-def _convert_amount(frame: pl.DataFrame, *, minor_units: bool) -> pl.DataFrame:
-    """Decimal text -> integer minor units, with the currency's exponent, no floats."""
+def _rates(*, minor_units: bool) -> pl.DataFrame:
     rates = exponent_table()
     if minor_units:
+        # Minor units are whole numbers whatever the currency: parse them with exponent 0.
         rates = rates.with_columns(
             pl.lit(0, dtype=pl.Int64).alias("exponent"),
             pl.lit(1, dtype=pl.Int64).alias("scale"),
             pl.lit(10**MAX_EXPONENT, dtype=pl.Int64).alias("frac_divisor"),
         )
-    text = pl.col("_amount_text")
-    well_formed = text.str.contains(_DECIMAL)
-    integer_digits = text.str.extract(r"^[+-]?(\d*)", 1).str.strip_chars_start("0")
-    fraction = text.str.extract(r"\.(\d*)$", 1).fill_null("").str.strip_chars_end("0")
-    too_long = integer_digits.str.len_chars() > MAX_INTEGER_DIGITS
-    too_precise = fraction.str.len_chars() > pl.col("exponent")
-    integer_value = pl.when(integer_digits.str.len_chars() == 0).then(0).otherwise(
-        integer_digits.cast(pl.Int64, strict=False)
+    return rates
+
+
+_TEXT = pl.col("_amount_text")
+_INTEGER_DIGITS = pl.col("_integer_digits")
+_FRACTION = pl.col("_fraction")
+
+
+def _amount_parts() -> list[pl.Expr]:
+    """The integer digits (no sign, no leading zeros) and significant fraction digits of the text."""
+    parts = _TEXT.str.split_exact(".", 1)
+    return [
+        parts.struct.field("field_0").str.strip_chars_start("+-").str.strip_chars_start("0").alias("_integer_digits"),
+        parts.struct.field("field_1").fill_null("").str.strip_chars_end("0").alias("_fraction"),
+    ]
+
+
+def _amount_problem() -> pl.Expr:
+    """Why the amount text cannot be converted: not_decimal | out_of_range | too_precise, else null."""
+    return (
+        pl.when(_TEXT.is_null() | pl.col("exponent").is_null())
+        .then(None)
+        .when(~_TEXT.str.contains(_DECIMAL))
+        .then(pl.lit("not_decimal"))
+        .when(_INTEGER_DIGITS.str.len_chars() > MAX_INTEGER_DIGITS)
+        .then(pl.lit("out_of_range"))
+        .when(_FRACTION.str.len_chars() > pl.col("exponent"))
+        .then(pl.lit("too_precise"))
+        .otherwise(None)
     )
-    fraction_value = (fraction + pl.lit("0" * MAX_EXPONENT)).str.slice(0, MAX_EXPONENT).cast(
+
+
+def _minor_units() -> pl.Expr:
+    """Decimal text -> integer minor units with the currency's exponent; integer arithmetic only."""
+    integer_value = pl.when(_INTEGER_DIGITS.str.len_chars() == 0).then(0).otherwise(
+        _INTEGER_DIGITS.cast(pl.Int64, strict=False)
+    )
+    fraction_value = (_FRACTION + pl.lit("0" * MAX_EXPONENT)).str.slice(0, MAX_EXPONENT).cast(
         pl.Int64, strict=False
     ) // pl.col("frac_divisor")
     magnitude = integer_value * pl.col("scale") + fraction_value
-    signed = pl.when(text.str.starts_with("-")).then(-magnitude).otherwise(magnitude)
+    signed = pl.when(_TEXT.str.starts_with("-")).then(-magnitude).otherwise(magnitude)
+    convertible = _TEXT.is_not_null() & pl.col("exponent").is_not_null() & pl.col("_amount_problem").is_null()
+    return pl.when(convertible).then(signed).otherwise(None).cast(pl.Int64)
+
+
+def _amount_error_text(minor_units: bool) -> pl.Expr:
+    problem, shown = pl.col("_amount_problem"), _shown(_TEXT)
     unit_name = "minor units" if minor_units else "major units"
-    error = (
-        pl.when(text.is_null() | pl.col("error_currency").is_not_null())
-        .then(None)
-        .when(~well_formed)
-        .then(pl.format("'{}' is not a decimal number in {}", _shown(text), pl.lit(unit_name)))
-        .when(too_long)
-        .then(pl.format("'{}' is out of range", _shown(text)))
-        .when(too_precise & pl.lit(minor_units))
-        .then(pl.format("'{}' is not a whole number of minor units", _shown(text)))
-        .when(too_precise)
-        .then(
-            pl.format(
-                "'{}' has more decimals than {} allows ({}); nothing is rounded",
-                _shown(text),
-                pl.col("currency"),
-                pl.col("exponent"),
-            )
-        )
-        .otherwise(None)
+    too_precise = (
+        pl.format("'{}' is not a whole number of minor units", shown)
+        if minor_units
+        else pl.format("'{}' has more decimals than {} allows ({}); nothing is rounded", shown,
+                       pl.col("currency"), pl.col("exponent"))
     )
-    currency_error = (
-        pl.when(pl.col("currency").is_not_null() & pl.col("exponent").is_null())
-        .then(pl.format("'{}' is not an ISO 4217 currency", _shown(pl.col("currency"))))
-        .otherwise(None)
+    return (
+        pl.when(problem == "not_decimal")
+        .then(pl.format("'{}' is not a decimal number in {}", shown, pl.lit(unit_name)))
+        .when(problem == "out_of_range")
+        .then(pl.format("'{}' is out of range", shown))
+        .when(problem == "too_precise")
+        .then(too_precise)
     )
-    joined = frame.join(rates, on="currency", how="left", maintain_order="left")
-    joined = joined.with_columns(currency_error.alias("error_currency"))
-    joined = joined.with_columns(
-        error.alias("error_amount"),
-    )
-    return joined.with_columns(
-        pl.when(pl.col("error_amount").is_null() & pl.col("error_currency").is_null() & text.is_not_null())
-        .then(signed)
-        .otherwise(None)
-        .cast(pl.Int64)
-        .alias("amount"),
-    ).drop("_amount_text", "exponent", "scale", "frac_divisor")
 
 
 def _direction(spec: Any, schema: Mapping[str, pl.DataType]) -> list[pl.Expr]:
+    """`direction`, plus `_direction_text` when a map is used (to explain a key it lacks)."""
+    no_text = pl.lit(None, dtype=pl.String).alias("_direction_text")
     if spec is None:
-        return [pl.lit(None, dtype=pl.String).alias("direction"), pl.lit(None, dtype=pl.String).alias("error_direction")]
+        return [pl.lit(None, dtype=pl.String).alias("direction"), no_text]
     text = _text_field(spec, schema)
     table = getattr(spec, "map", None)
     if not table:
-        return [text.str.to_lowercase().alias("direction"), pl.lit(None, dtype=pl.String).alias("error_direction")]
+        return [text.str.to_lowercase().alias("direction"), no_text]
     lookup = {str(k): str(v) for k, v in table.items()}
     mapped = text.replace_strict(lookup, default=None, return_dtype=pl.String)
-    error = (
-        pl.when(text.is_not_null() & mapped.is_null())
-        .then(pl.format("'{}' is not a key of mapping.direction.map", _shown(text)))
-        .otherwise(None)
-    )
-    return [mapped.alias("direction"), error.alias("error_direction")]
+    return [mapped.alias("direction"), text.alias("_direction_text")]
 
 
 def _metadata(spec: Any, schema: Mapping[str, pl.DataType]) -> pl.Expr:
@@ -268,10 +314,20 @@ def _metadata(spec: Any, schema: Mapping[str, pl.DataType]) -> pl.Expr:
 def _check_metadata_json(frame: pl.DataFrame, spec: Any) -> pl.DataFrame:
     """A metadata column must hold JSON objects; checked by DuckDB on the whole column."""
     if spec is None or getattr(spec, "column", None) is None:
-        return frame.with_columns(pl.lit(None, dtype=pl.String).alias("error_metadata"))
-    texts = frame.select(pl.col("metadata")).to_arrow()
-    checked = duckdb.sql(
-        "select case when not coalesce(try(json_valid(metadata)), false) then 'is not valid JSON' "
-        "when json_type(metadata) <> 'OBJECT' then 'is not a JSON object' end as error_metadata from texts"
-    ).pl()
-    return frame.with_columns(checked.get_column("error_metadata"))
+        return frame.with_columns(pl.lit(None, dtype=pl.String).alias("_metadata_problem"))
+    con = _json_checker()
+    con.register("_texts", frame.select(pl.col("metadata")).to_arrow())
+    try:
+        # json_type() is not called: on invalid JSON it can fail the whole query.
+        checked = con.sql(
+            "select case when not json_valid(metadata) then 'is not valid JSON' "
+            "when left(ltrim(metadata), 1) <> '{' then 'is not a JSON object' end as _metadata_problem from _texts"
+        ).pl()
+    finally:
+        con.unregister("_texts")
+    return frame.with_columns(checked.get_column("_metadata_problem"))
+
+
+@cache
+def _json_checker() -> duckdb.DuckDBPyConnection:
+    return duckdb.connect()

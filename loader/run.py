@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -107,23 +108,35 @@ class Run:
         deduper = SourceDeduper(self.target.target_key, scratch_dir=s.cache_path.parent)
         log.info("run started", extra={"event": "run_start", "run_id": self.run_id, "pipeline": s.name})
         error: LoaderError | None = None
+        # While the target applies batch k, batch k+1 is read, mapped, validated and deduped:
+        # one send in flight at a time, so results are settled (cache, report) in source order.
+        sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-send")
+        in_flight: tuple[Planned, Future[SendResult] | None] | None = None
         try:
             if not self.dry_run:
                 self.target.prepare()
             for batch in batches:
                 mapped = map_batch(batch, s.mapping)
                 writer.add_source_totals(_source_totals(mapped))
-                if error is None:
-                    try:
-                        rows = self._process(mapped, cache, deduper)
-                    except TargetError as exc:
-                        error = exc
-                        rows = _unprocessed(mapped, f"not sent: the run was aborted ({exc})")
-                else:
-                    rows = _unprocessed(mapped, f"not sent: the run was aborted ({error})")
-                writer.add_rows(rows)
-                self._progress(batch.height, rows)
+                self.rows_read += batch.height
+                if error is not None:
+                    self._report(writer, _unprocessed(mapped, f"not sent: the run was aborted ({error})"))
+                    continue
+                planned = self._plan(mapped, cache, deduper)
+                if in_flight is not None:
+                    error = self._settle(*in_flight, cache, writer)
+                    if error is not None:
+                        self._report(writer, planned.abandon(error))
+                        in_flight = None
+                        continue
+                future = None
+                if planned.chunks and not self.dry_run:
+                    future = sender.submit(self.target.send, planned.chunks, on_conflict=s.on_conflict)
+                in_flight = (planned, future)
+            if in_flight is not None:
+                error = self._settle(*in_flight, cache, writer) or error
         finally:
+            sender.shutdown(wait=True)
             deduper.close()
             self.target.close()
         finished_at = datetime.now(UTC)
@@ -139,13 +152,14 @@ class Run:
         return RunResult(report=report, exit_code=exit_code)
 
     # -- one batch ------------------------------------------------------------
-    def _process(self, mapped: pl.DataFrame, cache: Cache, deduper: SourceDeduper) -> pl.DataFrame:
+    def _plan(self, mapped: pl.DataFrame, cache: Cache, deduper: SourceDeduper) -> "Planned":
+        """Everything about a batch that needs no target: outcomes known now, and the chunks to send."""
         s = self.settings
         valid, invalid = split_valid(mapped, s.rules)
-        parts = [_outcome(invalid, "failed", "invalid")]
+        known = [_outcome(invalid, "failed", "invalid")]
         deduplicated = deduper.split(valid)
         duplicate_outcome = "failed" if s.within_source == "fail" else "skipped"
-        parts.append(_outcome(deduplicated.duplicates, duplicate_outcome, "duplicate_in_source"))
+        known.append(_outcome(deduplicated.duplicates, duplicate_outcome, "duplicate_in_source"))
 
         unique = deduplicated.unique
         loaded = pl.from_arrow(cache.find_loaded(unique.select(KEY).to_arrow()))
@@ -153,7 +167,7 @@ class Run:
         already = unique.join(loaded, on=KEY, how="inner").with_columns(
             pl.format("loaded before in bulk request {}", pl.col("bulk_request_id")).alias("reason")
         )
-        parts.append(_outcome(already.drop("bulk_request_id"), "skipped", "already_loaded"))
+        known.append(_outcome(already.drop("bulk_request_id"), "skipped", "already_loaded"))
         to_send, chunks = plan_chunks(
             unique.join(loaded.select(KEY), on=KEY, how="anti", maintain_order="left"),
             chunk_size=s.chunk_size, target_key=self.target.target_key, on_conflict=s.on_conflict,
@@ -163,34 +177,64 @@ class Run:
         if self.payloads is not None:
             self.payloads.write(chunks, on_conflict=s.on_conflict)
         if self.dry_run:
-            parts.append(_dry_run_outcomes(to_send))
-        elif chunks:
-            sent = _sent_outcomes(to_send, self._send(chunks), on_conflict=s.on_conflict)
-            confirmed = sent.filter(pl.col("reason_code").is_in(["created", "exists_in_target"]))
-            cache.record_confirmed(self.cache_target_id, confirmed.select(CONFIRMED_COLUMNS).to_arrow())
-            parts.append(sent)
-        return pl.concat([p.select(_ROW_SELECT) for p in parts], how="vertical_relaxed").sort(
-            SOURCE_FILE, SOURCE_ROW
-        )
+            known.append(_dry_run_outcomes(to_send))
+        return Planned(known=known, to_send=to_send, chunks=chunks)
 
-    def _send(self, chunks: list[Chunk]) -> SendResult:
-        result = self.target.send(chunks, on_conflict=self.settings.on_conflict)
-        self.bulk_request_ids.update(result.requests["bulk_request_id"].to_list())
-        if log.isEnabledFor(logging.INFO):
-            keys = {chunk.number: chunk.idempotency_key for chunk in chunks}
-            for request in result.requests.iter_rows(named=True):
-                log.info("chunk confirmed", extra={
-                    "event": "chunk_confirmed", "run_id": self.run_id, "pipeline": self.settings.name,
-                    "chunk": request["chunk"], "idempotency_key": keys[request["chunk"]],
-                    "bulk_request_id": request["bulk_request_id"], "status": request["status"]})
-        return result
+    def _settle(self, planned: "Planned", future: "Future[SendResult] | None", cache: Cache,
+                writer: ReportWriter) -> LoaderError | None:
+        """Wait for a batch's send; record what the target confirmed, then report the batch."""
+        if future is None:
+            self._report(writer, planned.rows())
+            return None
+        try:
+            result = future.result()
+        except TargetError as exc:
+            self._report(writer, planned.abandon(exc))
+            return exc
+        self._log_requests(planned.chunks, result)
+        sent = _sent_outcomes(planned.to_send, result, on_conflict=self.settings.on_conflict)
+        confirmed = sent.filter(pl.col("reason_code").is_in(["created", "exists_in_target"]))
+        cache.record_confirmed(self.cache_target_id, confirmed.select(CONFIRMED_COLUMNS).to_arrow())
+        self._report(writer, planned.rows(sent))
+        return None
 
-    def _progress(self, rows_read: int, rows: pl.DataFrame) -> None:
-        self.rows_read += rows_read
+    def _report(self, writer: ReportWriter, rows: pl.DataFrame) -> None:
+        writer.add_rows(rows)
         for outcome, n in rows.group_by("outcome").len().iter_rows():
             self.counts[outcome] += n
         if self.on_progress is not None:
             self.on_progress({"run_id": self.run_id, "rows": self.rows_read, **self.counts})
+
+    def _log_requests(self, chunks: list[Chunk], result: SendResult) -> None:
+        self.bulk_request_ids.update(result.requests["bulk_request_id"].to_list())
+        if not log.isEnabledFor(logging.INFO):
+            return
+        keys = {chunk.number: chunk.idempotency_key for chunk in chunks}
+        for request in result.requests.iter_rows(named=True):
+            log.info("chunk confirmed", extra={
+                "event": "chunk_confirmed", "run_id": self.run_id, "pipeline": self.settings.name,
+                "chunk": request["chunk"], "idempotency_key": keys[request["chunk"]],
+                "bulk_request_id": request["bulk_request_id"], "status": request["status"]})
+
+
+@dataclass
+class Planned:
+    """A batch between planning and settling."""
+
+    known: list[pl.DataFrame]  # outcomes decided without the target
+    to_send: pl.DataFrame  # rows for the target, with `chunk` and `index`
+    chunks: list[Chunk]
+
+    def rows(self, sent: pl.DataFrame | None = None) -> pl.DataFrame:
+        parts = self.known if sent is None else [*self.known, sent]
+        return pl.concat([p.select(_ROW_SELECT) for p in parts], how="vertical_relaxed").sort(
+            SOURCE_FILE, SOURCE_ROW
+        )
+
+    def abandon(self, error: LoaderError) -> pl.DataFrame:
+        """The batch's rows when its send failed: the unsent ones are `unprocessed`."""
+        unsent = self.to_send.with_columns(pl.lit(f"not sent: the run was aborted ({error})").alias("reason"))
+        return self.rows(_outcome(unsent, "failed", "unprocessed"))
 
 
 # -- outcomes -----------------------------------------------------------------

@@ -31,7 +31,7 @@ def records_table(rows: pl.DataFrame):
         pl.col("external_id"),
         pl.col("metadata"),
         pl.lit(None, dtype=pl.String).alias("input_error"),
-    ).to_arrow()
+    ).to_arrow(compat_level=pl.CompatLevel.newest())  # string views: no copy; DuckDB reads them
 
 
 class LocalTarget:

@@ -109,6 +109,8 @@ def main() -> None:
     print(f"floor  (polars read + one DuckDB insert): {floor_s:6.2f} s  peak {max(m for _, m in floor_runs):6.0f} MB")
     print(f"loader run, local target, end to end:    {loader_s:6.2f} s  peak {max(m for _, m in loader_runs):6.0f} MB")
     print(f"ratio loader / floor: {loader_s / floor_s:.2f}")
+    print("trials (loader s / floor s): " + ", ".join(f"{lw:.2f}/{fw:.2f}" for (lw, _), (fw, _) in
+                                                     zip(loader_runs, floor_runs)))
 
 
 if __name__ == "__main__":

@@ -63,12 +63,14 @@ class SourceDeduper:
     def __init__(self, target_key: str, *, scratch_dir: Path | None = None):
         self.target_key = target_key
         self.target_tag = short_tag(target_key)  # keeps the hashed texts short
+        self._files: list[str] = []
+        self._file_numbers: dict[str, int] = {}
         fd, self._path = tempfile.mkstemp(suffix=".duckdb", prefix="loader-run-", dir=scratch_dir)
         os.close(fd)
         os.unlink(self._path)  # DuckDB wants to create the file itself
         self.con = duckdb.connect(self._path, config={"memory_limit": "512MB"})
         self.con.execute(
-            "create table seen_ids (key_hi ubigint, key_lo ubigint, source_file varchar, source_row bigint);"
+            "create table seen_ids (key_hi ubigint, key_lo ubigint, file_number integer, source_row bigint);"
             "create table content_counts (content_hi ubigint, content_lo ubigint, n bigint);"
         )
 
@@ -154,16 +156,34 @@ class SourceDeduper:
     def _seen(self, keys: pl.DataFrame) -> pl.DataFrame:
         self.con.register("_keys", keys.to_arrow())
         try:
-            return self.con.sql(
-                "select s.key_hi, s.key_lo, s.source_file, s.source_row from seen_ids s "
+            seen = self.con.sql(
+                "select s.key_hi, s.key_lo, s.file_number, s.source_row from seen_ids s "
                 "semi join _keys k using (key_hi, key_lo)"
             ).pl()
         finally:
             self.con.unregister("_keys")
+        if seen.height == 0:
+            return pl.DataFrame(schema={"key_hi": pl.UInt64, "key_lo": pl.UInt64, SOURCE_FILE: pl.String,
+                                        SOURCE_ROW: pl.Int64})
+        return seen.select(
+            *KEY,
+            pl.col("file_number").replace_strict(dict(enumerate(self._files)), return_dtype=pl.String)
+            .alias(SOURCE_FILE),
+            pl.col(SOURCE_ROW),
+        )
 
     def _remember(self, firsts: pl.DataFrame) -> None:
-        self.con.register("_firsts", firsts.to_arrow())
-        self.con.execute(f"insert into seen_ids select key_hi, key_lo, {SOURCE_FILE}, {SOURCE_ROW} from _firsts")
+        # Files are stored as numbers: a path repeated on every row would cost more than the key.
+        for name in firsts.get_column(SOURCE_FILE).unique().to_list():
+            if name not in self._file_numbers:
+                self._file_numbers[name] = len(self._files)
+                self._files.append(name)
+        numbered = firsts.select(
+            *KEY, pl.col(SOURCE_FILE).replace_strict(self._file_numbers, return_dtype=pl.Int32).alias("file_number"),
+            pl.col(SOURCE_ROW),
+        )
+        self.con.register("_firsts", numbered.to_arrow())
+        self.con.execute(f"insert into seen_ids select key_hi, key_lo, file_number, {SOURCE_ROW} from _firsts")
         self.con.unregister("_firsts")
 
     def close(self) -> None:

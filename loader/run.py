@@ -117,7 +117,7 @@ class Run:
             if not self.dry_run:
                 self.target.prepare()
             for batch in batches:
-                mapped = map_batch(batch, s.mapping)
+                mapped = map_batch(batch, s.mapping).with_row_index("_pos")
                 writer.add_source_totals(_source_totals(mapped))
                 self.rows_read += batch.height
                 if error is not None:
@@ -228,9 +228,10 @@ class Planned:
 
     def rows(self, sent: pl.DataFrame | None = None) -> pl.DataFrame:
         parts = self.known if sent is None else [*self.known, sent]
-        return pl.concat([p.select(_ROW_SELECT) for p in parts], how="vertical_relaxed").sort(
-            SOURCE_FILE, SOURCE_ROW
-        )
+        # Back in source order: by the batch position map_batch's caller gave each row.
+        return pl.concat([p.select(*_ROW_SELECT, "_pos") for p in parts], how="vertical_relaxed").sort(
+            "_pos"
+        ).drop("_pos")
 
     def abandon(self, error: LoaderError) -> pl.DataFrame:
         """The batch's rows when its send failed: the unsent ones are `unprocessed`."""

@@ -153,3 +153,22 @@ def test_a_job_that_fails_midway_leaves_unprocessed_rows_for_the_next_run(make_p
     second = run_pipeline(path).report
     assert reasons(second) == {("skipped", "already_loaded"): 2, ("successful", "created"): 2}
     assert records(tmp_path / ".loader/endclose.duckdb").height == 4
+
+
+def test_a_sandbox_load_never_hides_rows_from_production(make_pipeline, tmp_path):
+    sandbox = run_pipeline(make_pipeline({"jan.csv": ROWS}, target__environment="sandbox")).report
+    production = run_pipeline(make_pipeline({"jan.csv": ROWS}, target__environment="production")).report
+    assert sandbox.totals["successful"] == production.totals["successful"] == 6
+    with duckdb.connect(str(tmp_path / ".loader/endclose.duckdb"), read_only=True) as con:
+        per_env = dict(con.sql("select environment, count(*) from records group by 1").fetchall())
+    assert per_env == {"sandbox": 6, "production": 6}
+
+
+def test_money_lands_exactly_in_the_engine(make_pipeline, tmp_path):
+    rows = [["2024-01-02", f"M{i}", "x", amount, ccy, "DR"] for i, (amount, ccy) in enumerate(
+        [("0.10", "USD"), ("0.20", "USD"), ("1234567.89", "EUR"), ("999", "JPY"), ("0.001", "BHD"),
+         ("-12.345", "KWD"), ("1.0001", "CLF")])]
+    run_pipeline(make_pipeline({"m.csv": rows}))
+    held = records(tmp_path / ".loader/endclose.duckdb")
+    assert list(zip(held["currency"], held["amount"])) == [
+        ("USD", 10), ("USD", 20), ("EUR", 123456789), ("JPY", 999), ("BHD", 1), ("KWD", -12345), ("CLF", 10001)]

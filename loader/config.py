@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from collections.abc import Mapping as _Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import iso4217
@@ -75,16 +75,6 @@ Loc = tuple[str | int, ...]
 Problem = tuple[Loc, str]
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-RECORD_FIELDS = (
-    "date",
-    "data_stream_key",
-    "amount",
-    "currency",
-    "direction",
-    "description",
-    "external_id",
-    "metadata",
-)
 RecordField = Literal[
     "date",
     "data_stream_key",
@@ -95,6 +85,7 @@ RecordField = Literal[
     "external_id",
     "metadata",
 ]
+RECORD_FIELDS: tuple[str, ...] = get_args(RecordField)  # the record contract's fields, in its order
 
 # A real pipeline.yaml has a few hundred values; this leaves ample room while
 # refusing alias bombs long before they cost memory or time.

@@ -22,20 +22,11 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from .config import RECORD_FIELDS
 from .currency import MAX_EXPONENT, exponent_table
 from .errors import ConfigError
 from .source import SOURCE_FILE, SOURCE_ROW
 
-RECORD_FIELDS = (
-    "date",
-    "data_stream_key",
-    "amount",
-    "currency",
-    "direction",
-    "description",
-    "external_id",
-    "metadata",
-)
 DEFAULT_CURRENCY = "USD"  # the API's default when a record has no currency
 MAX_INTEGER_DIGITS = 15  # keeps every amount well inside int64 minor units
 _DECIMAL = r"^[+-]?(\d+\.?\d*|\.\d+)$"

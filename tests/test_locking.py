@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 
 from conftest import run_cli
 
@@ -19,22 +20,28 @@ con.close()
 ROWS = [["2024-01-02", "T1", "Payroll", "100.50", "USD", "DR"]]
 
 
-def test_run_fails_with_exit_3_while_another_process_holds_the_cache(make_pipeline, tmp_path):
-    path = make_pipeline({"a.csv": ROWS})
-    cache = tmp_path / ".loader" / "cache.duckdb"
-    cache.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(cache)], stdin=subprocess.PIPE,
+@contextmanager
+def held(path):
+    """Another process holding the DuckDB file at `path`, until the block ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "holding"
-        result = run_cli("run", str(path))
-        assert result.returncode == 3
-        assert "in use by another loader process" in result.stderr
-        assert "Traceback" not in result.stderr
+        yield
     finally:
         holder.stdin.write("\n")
         holder.stdin.flush()
         holder.wait(timeout=30)
+
+
+def test_run_fails_with_exit_3_while_another_process_holds_the_cache(make_pipeline, tmp_path):
+    path = make_pipeline({"a.csv": ROWS})
+    with held(tmp_path / ".loader" / "cache.duckdb"):
+        result = run_cli("run", str(path))
+        assert result.returncode == 3
+        assert "in use by another loader process" in result.stderr
+        assert "Traceback" not in result.stderr
     # Once released, the same command runs normally.
     again = run_cli("run", str(path))
     assert again.returncode == 0, again.stderr
@@ -42,16 +49,7 @@ def test_run_fails_with_exit_3_while_another_process_holds_the_cache(make_pipeli
 
 def test_run_fails_with_exit_3_while_another_process_holds_the_local_database(make_pipeline, tmp_path):
     path = make_pipeline({"a.csv": ROWS})
-    database = tmp_path / ".loader" / "endclose.duckdb"
-    database.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(database)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "holding"
+    with held(tmp_path / ".loader" / "endclose.duckdb"):
         result = run_cli("run", str(path))
         assert result.returncode == 3
         assert "in use by another loader process" in result.stderr
-    finally:
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        holder.wait(timeout=30)

@@ -201,5 +201,64 @@ def report(run_id: str, pipeline_file: str | None, cache: str | None, as_json: b
         click.echo(f"report: {found['report_dir']}")
 
 
+def _api_keys(items: tuple[str, ...]) -> dict[str, str]:
+    """`KEY[=ENVIRONMENT]` -> {key: environment}; the environment defaults to `default`."""
+    keys = {}
+    for position, item in enumerate(items, start=1):
+        key, _, environment = item.partition("=")
+        if not key:
+            raise ConfigError([("--api-key", f"argument {position} is empty; give KEY or KEY=ENVIRONMENT")])
+        keys[key] = environment or "default"
+    return keys
+
+
+@main.command()
+@click.option("--database", required=True, type=click.Path(dir_okay=False), help="The local engine's DuckDB file.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on; 0 picks a free one.")
+@click.option("--api-key", "api_key", multiple=True, required=True, metavar="KEY[=ENVIRONMENT]",
+              help="An accepted X-API-KEY and the environment it sees (default: default). Repeatable.")
+@click.option("--latency", default=0, show_default=True, metavar="MS", help="Fault injection: added latency per request.")
+@click.option("--fail-rate", default=0.0, show_default=True, metavar="F", help="Fault injection: share of requests answered 503.")
+@click.option("--throttle-rate", default=0.0, show_default=True, metavar="F",
+              help="Fault injection: share of requests answered 429 with Retry-After.")
+@click.option("--drop-rate", default=0.0, show_default=True, metavar="F",
+              help="Fault injection: share of bulk requests committed, then the connection dropped unanswered.")
+@click.option("--job-fail-rate", default=0.0, show_default=True, metavar="F",
+              help="Fault injection: share of bulk request jobs that fail midway.")
+@click.option("--seed", default=None, type=int, help="Seed for the fault injection's random choices.")
+@_guard
+def serve(database: str, host: str, port: int, api_key: tuple[str, ...], latency: int, fail_rate: float,
+          throttle_rate: float, drop_rate: float, job_fail_rate: float, seed: int | None) -> None:
+    """Serve the local engine over the EndClose HTTP API (under /v1)."""
+    from .server import Faults, serve as serve_forever
+
+    faults = Faults(latency_ms=latency, fail_rate=fail_rate, throttle_rate=throttle_rate, drop_rate=drop_rate,
+                    job_fail_rate=job_fail_rate, seed=seed)
+    serve_forever(Path(database), host=host, port=port, api_keys=_api_keys(api_key), faults=faults,
+                  on_ready=lambda url: click.echo(f"loader serve listening on {url}", nl=True))
+
+
+@main.group()
+def cache() -> None:
+    """The local cache of ids already loaded."""
+
+
+@cache.command("sync")
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.option("--var", "var", multiple=True, metavar="K=V", help="Set ${K} in pipeline.yaml (repeatable).")
+@click.option("--json", "as_json", is_flag=True)
+@_guard
+def cache_sync(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
+    """Fill the cache with the external_ids the target already holds for the pipeline's streams."""
+    from .cache_sync import sync_cache
+
+    result = sync_cache(_load(pipeline_file, var))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:
+        click.echo(f"{result['added']} ids added to the cache ({result['seen']} held by the target)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

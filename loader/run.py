@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 
 from .cache import CONFIRMED_COLUMNS, Cache
 from .chunk import Chunk, plan_chunks

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import duckdb
 import polars as pl
-import pytest
 
 from loader.run import run_pipeline
 

@@ -48,8 +48,15 @@ def _load(pipeline_file: str, var: tuple[str, ...]) -> Any:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="loader")
-def main() -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Log lines on stderr as text, or as one JSON object per event (for schedulers).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+              help="Default: info with --log-format json, else warning.")
+def main(log_format: str, log_level: str | None) -> None:
     """Load financial records into EndClose: map, validate, dedupe, bulk-load, report."""
+    from .logs import configure
+
+    configure(log_format, log_level or ("info" if log_format == "json" else "warning"))
 
 
 @main.command()

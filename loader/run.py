@@ -131,6 +131,7 @@ class Run:
                         continue
                 future = None
                 if planned.chunks and not self.dry_run:
+                    self._log_sending(planned.chunks)
                     future = sender.submit(self.target.send, planned.chunks, on_conflict=s.on_conflict)
                 in_flight = (planned, future)
             if in_flight is not None:
@@ -144,6 +145,9 @@ class Run:
                                bulk_requests=sorted(self.bulk_request_ids),
                                error=str(error) if error else None)
         exit_code = error.exit_code if error else (1 if report.failed_rows > s.max_failed_rows else 0)
+        if error is not None:
+            log.error("run aborted", extra={"event": "error", "run_id": self.run_id, "pipeline": s.name,
+                                            "error": str(error), "exit_code": exit_code})
         history.finish(self.run_id, status="aborted" if error else "finished", finished_at=finished_at,
                        totals=report.totals, exit_code=exit_code, error=str(error) if error else None)
         state.close()
@@ -204,6 +208,13 @@ class Run:
             self.counts[outcome] += n
         if self.on_progress is not None:
             self.on_progress({"run_id": self.run_id, "rows": self.rows_read, **self.counts})
+
+    def _log_sending(self, chunks: list[Chunk]) -> None:
+        if log.isEnabledFor(logging.INFO):
+            for chunk in chunks:
+                log.info("chunk sent", extra={
+                    "event": "chunk_sent", "run_id": self.run_id, "pipeline": self.settings.name,
+                    "chunk": chunk.number, "idempotency_key": chunk.idempotency_key, "rows": len(chunk)})
 
     def _log_requests(self, chunks: list[Chunk], result: SendResult) -> None:
         self.bulk_request_ids.update(result.requests["bulk_request_id"].to_list())

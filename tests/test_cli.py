@@ -112,3 +112,19 @@ def test_every_command_has_help():
         result = run_cli(*command, "--help")
         assert result.returncode == 0
         assert "Usage:" in result.stdout
+
+
+def test_json_logs_one_object_per_event(make_pipeline):
+    path = make_pipeline({"a.csv": ROWS})
+    result = run_cli("--log-format", "json", "run", str(path))
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert {"chunk_sent", "chunk_confirmed"} <= set(kinds)
+    run_ids = {e["run_id"] for e in events}
+    assert len(run_ids) == 1
+    end = events[-1]
+    assert (end["total"], end["successful"], end["failed"], end["exit_code"]) == (3, 2, 1, 0)
+    confirmed = [e for e in events if e["event"] == "chunk_confirmed"]
+    assert all(isinstance(e["bulk_request_id"], int) and len(e["idempotency_key"]) == 40 for e in confirmed)

@@ -19,6 +19,7 @@ from .errors import (
     TargetError,
     TerminalTargetError,
 )
+from .logs import configure as configure_logging
 from .report import Report, TooManyFailures
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "TargetError",
     "TerminalTargetError",
     "TooManyFailures",
+    "configure_logging",
     "load",
     "load_pipeline",
     "run",

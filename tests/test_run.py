@@ -171,3 +171,28 @@ def test_money_lands_exactly_in_the_engine(make_pipeline, tmp_path):
     held = records(tmp_path / ".loader/endclose.duckdb")
     assert list(zip(held["currency"], held["amount"])) == [
         ("USD", 10), ("USD", 20), ("EUR", 123456789), ("JPY", 999), ("BHD", 1), ("KWD", -12345), ("CLF", 10001)]
+
+
+def test_an_answer_lost_after_commit_is_recovered_without_loading_twice(make_pipeline, tmp_path):
+    """The engine committed, the run never heard: the rerun finds the same requests by their keys."""
+    from loader.config import load_pipeline
+    from loader.run import Run, settings_from_pipeline
+    from loader.source import Source, SourceSpec
+    from loader.targets.local import LocalTarget
+
+    path = make_pipeline({"jan.csv": ROWS})
+    pipeline = load_pipeline(path)
+    target = LocalTarget(tmp_path / ".loader/endclose.duckdb", "default", [{"key": "ops", "name": "Ops"}],
+                         lose_answers=True)
+    with Source(SourceSpec.from_pipeline(pipeline)) as source:
+        aborted = Run(settings_from_pipeline(pipeline), target).execute(source.batches(), lambda: {"files": []})
+    assert aborted.exit_code == 3
+    assert reasons(aborted.report)[("failed", "unprocessed")] == 6
+    assert aborted.report.summary["error"].startswith("the local engine's answer was lost")
+    assert records(tmp_path / ".loader/endclose.duckdb").height == 6  # committed, unconfirmed
+
+    rerun = run_pipeline(path).report
+    assert reasons(rerun)[("skipped", "exists_in_target")] == 6
+    assert records(tmp_path / ".loader/endclose.duckdb").height == 6  # id-less rows not doubled either
+    assert run_pipeline(path).report.totals["successful"] == 0
+    assert reasons(run_pipeline(path).report)[("skipped", "already_loaded")] == 6

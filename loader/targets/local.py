@@ -14,6 +14,7 @@ import polars as pl
 
 from ..chunk import Chunk
 from ..engine import BulkSubmission, Engine
+from ..errors import RetryableTargetError
 from .base import ITEM_SCHEMA, REQUEST_SCHEMA, SendResult
 
 RECORD_FIELDS = ("date", "data_stream_key", "amount", "currency", "direction", "description", "external_id", "metadata")
@@ -38,13 +39,15 @@ class LocalTarget:
     """Loads into the local engine's database file."""
 
     def __init__(self, database: Path, environment: str = "default", streams: Sequence[dict] = (),
-                 *, fail_jobs_after: int | None = None):
+                 *, fail_jobs_after: int | None = None, lose_answers: bool = False):
         self.database = Path(database)
         self.environment = environment
         self.streams = list(streams)
         self.target_key = f"local:{self.database}#{environment}"
         # Fault injection, as `loader serve --fail-rate` has: each new job fails after N rows.
         self.fail_jobs_after = fail_jobs_after
+        # Fault injection, as `loader serve --drop-rate 1`: the engine commits, the answer is lost.
+        self.lose_answers = lose_answers
         self._engine: Engine | None = None
 
     def describe(self) -> dict:
@@ -87,6 +90,8 @@ class LocalTarget:
             pending = self.engine.submit(self.environment, submissions, process=False)
             self.engine.process_pending([int(s["id"]) for s in pending], fail_after=self.fail_jobs_after)
             summaries = [self.engine.get_bulk_request(self.environment, int(s["id"]), limit=1) for s in pending]
+        if self.lose_answers:
+            raise RetryableTargetError("the local engine's answer was lost after it committed (injected fault)")
         requests = pl.DataFrame(
             {
                 "chunk": [chunk.number for chunk in chunks],

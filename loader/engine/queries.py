@@ -233,23 +233,21 @@ def list_bulk_requests(
     check_limit(limit)
     if status is not None and status not in BULK_REQUEST_STATUSES:
         raise Unprocessable(f"status must be one of {', '.join(BULK_REQUEST_STATUSES)}, not {status!r}")
-    conditions = ["environment = $environment"]
-    params: dict[str, Any] = {"environment": environment, "limit": limit + 1}
     after = _timestamp_filter("created_after", created_after)
     before = _timestamp_filter("created_before", created_before)
-    filters = {
-        "data_stream_key": (data_stream_key, "list_contains(data_stream_keys, $data_stream_key)"),
-        "status": (status, "status = $status"),
-        "source": (source, "source = $source"),
-        "created_after": (after, "created_at > $created_after"),
-        "created_before": (before, "created_at < $created_before"),
-    }
-    if cursor is not None:
-        filters["before_id"] = (decode_cursor(cursor), "id < $before_id")
-    for name, (value, condition) in filters.items():
-        if value is not None:
-            conditions.append(condition)
-            params[name] = value
+    conditions, params = _page_filters(
+        "environment = $environment",
+        {"environment": environment, "limit": limit + 1},
+        {
+            "data_stream_key": (data_stream_key, "list_contains(data_stream_keys, $data_stream_key)"),
+            "status": (status, "status = $status"),
+            "source": (source, "source = $source"),
+            "created_after": (after, "created_at > $created_after"),
+            "created_before": (before, "created_at < $created_before"),
+        },
+        cursor,
+        "id",
+    )
     rows = rows_as_dicts(
         con,
         f"SELECT {_REQUEST_COLUMNS} FROM bulk_requests WHERE {' AND '.join(conditions)} "
@@ -258,6 +256,20 @@ def list_bulk_requests(
     )
     rows, next_cursor = _page(rows, limit)
     return {"data": [_request_dict(row) for row in rows], "next_cursor": next_cursor, "limit": limit}
+
+
+def _page_filters(
+    scope: str, params: dict[str, Any], filters: dict[str, tuple[Any, str]], cursor: str | None, id_column: str
+) -> tuple[list[str], dict[str, Any]]:
+    """WHERE conditions and parameters of a list endpoint: the given filters, and the cursor's position."""
+    conditions = [scope]
+    if cursor is not None:
+        filters = {**filters, "before_id": (decode_cursor(cursor), f"{id_column} < $before_id")}
+    for name, (value, condition) in filters.items():
+        if value is not None:
+            conditions.append(condition)
+            params[name] = value
+    return conditions, params
 
 
 def list_records(
@@ -274,19 +286,17 @@ def list_records(
     if data_stream_key is None and external_id is None and bulk_request_id is None:
         raise Unprocessable("give at least one filter: data_stream_key, external_id or bulk_request_id")
     check_limit(limit)
-    conditions = ["r.environment = $environment"]
-    params: dict[str, Any] = {"environment": environment, "limit": limit + 1}
-    filters = {
-        "data_stream_key": (data_stream_key, "r.data_stream_key = $data_stream_key"),
-        "external_id": (external_id, "r.external_id = $external_id"),
-        "bulk_request_id": (bulk_request_id, "r.bulk_request_id = $bulk_request_id"),
-    }
-    if cursor is not None:
-        filters["before_id"] = (decode_cursor(cursor), "r.id < $before_id")
-    for name, (value, condition) in filters.items():
-        if value is not None:
-            conditions.append(condition)
-            params[name] = value
+    conditions, params = _page_filters(
+        "r.environment = $environment",
+        {"environment": environment, "limit": limit + 1},
+        {
+            "data_stream_key": (data_stream_key, "r.data_stream_key = $data_stream_key"),
+            "external_id": (external_id, "r.external_id = $external_id"),
+            "bulk_request_id": (bulk_request_id, "r.bulk_request_id = $bulk_request_id"),
+        },
+        cursor,
+        "r.id",
+    )
     rows = rows_as_dicts(
         con,
         f"""

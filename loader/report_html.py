@@ -82,9 +82,8 @@ def render_page(report: Report) -> str:
 
 
 def render_fragment(report: Report) -> str:
-    """The compact notebook view: totals, control totals, top 5 failure reasons."""
+    """The compact notebook view: totals, control totals, reason codes and the top 5 failure reasons."""
     s = report.summary
-    failed_reasons = [r for r in s["reasons"] if r["outcome"] == "failed"][:5]
     parts = [
         f"<style>{_CSS}</style>",
         '<div class="loader-report">',
@@ -96,12 +95,34 @@ def render_fragment(report: Report) -> str:
     parts += [
         _cards(s["totals"]),
         _control_totals(s["by_stream"]),
-        "<b>Top failure reasons</b>" if failed_reasons else "",
-        _reasons(failed_reasons) if failed_reasons else "",
+        "<b>Outcomes by reason code</b>" if s["reasons"] else "",
+        _reasons(s["reasons"]) if s["reasons"] else "",
+        _top_failures(report),
         f'<p class="note">Rows: <code>{_e(report.rows_path)}</code></p>',
         "</div>",
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _top_failures(report: Report, top: int = 5) -> str:
+    """The most common failure texts (not just codes), read from rows.parquet."""
+    if not report.summary["totals"]["failed"] or not report.rows_path.exists():
+        return ""
+    counts = (
+        pl.scan_parquet(report.rows_path)
+        .filter(pl.col("outcome") == "failed")
+        .group_by("reason_code", "reason")
+        .len("rows")
+        .sort("rows", "reason", descending=[True, False])
+        .head(top)
+        .collect()
+    )
+    lines = "".join(
+        f"<tr><td>{_e(code)}</td><td>{_e(reason)}</td><td class='num'>{rows:,}</td></tr>"
+        for code, reason, rows in counts.iter_rows()
+    )
+    return (f"<b>Top failure reasons</b><table><tr><th>Code</th><th>Reason</th><th>Rows</th></tr>"
+            f"{lines}</table>")
 
 
 def _header(s: dict) -> str:

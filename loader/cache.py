@@ -41,7 +41,8 @@ class Cache:
             "where not exists (select 1 from cache_targets where target_key = ?)",
             [target_key, target_key],
         )
-        return self.con.execute("select id from cache_targets where target_key = ?", [target_key]).fetchone()[0]
+        # fetchall, not fetchone: a half-read result would block the next register() on this connection.
+        return self.con.execute("select id from cache_targets where target_key = ?", [target_key]).fetchall()[0][0]
 
     def find_loaded(self, keys: pa.Table) -> pa.Table:
         """Of `keys` (`key_hi`, `key_lo`), those already loaded, with a bulk request that holds each."""
@@ -71,4 +72,4 @@ class Cache:
             self.con.unregister("_confirmed")
 
     def count(self) -> int:
-        return self.con.execute("select count(*) from loaded_ids").fetchone()[0]
+        return self.con.execute("select count(*) from loaded_ids").fetchall()[0][0]

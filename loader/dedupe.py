@@ -32,6 +32,17 @@ CONTENT = ["content_hi", "content_lo"]
 _SEP, _NULL = "\x1f", "\x1e"
 
 
+def id_key_text(target_key: str) -> pl.Expr:
+    """The text whose md5 is the key of a row with an external_id (null without one).
+
+    It hashes in the target environment, so one environment's cache never answers for another.
+    """
+    return pl.concat_str(
+        [pl.lit(short_tag(target_key)), pl.lit("id"), pl.col("data_stream_key"), pl.col("external_id")],
+        separator=_SEP,
+    )
+
+
 def content_text() -> pl.Expr:
     """Every field of the record that the target stores, as one text (nulls marked)."""
     return pl.concat_str(
@@ -105,10 +116,7 @@ class SourceDeduper:
     def _keyed(self, valid: pl.DataFrame) -> pl.DataFrame:
         """Add key_hi/key_lo; id-less rows also get content_hi/content_lo (their key needs it)."""
         has_id = pl.col("external_id").is_not_null()
-        id_text = pl.concat_str(
-            [pl.lit(self.target_tag), pl.lit("id"), pl.col("data_stream_key"), pl.col("external_id")], separator=_SEP
-        )
-        keys = md5_halves(valid.select(pl.when(has_id).then(id_text)).to_series(), names=KEY)
+        keys = md5_halves(valid.select(pl.when(has_id).then(id_key_text(self.target_key))).to_series(), names=KEY)
         keyed = pl.concat([valid, keys], how="horizontal").with_columns(
             pl.lit(None, dtype=pl.UInt64).alias(CONTENT[0]), pl.lit(None, dtype=pl.UInt64).alias(CONTENT[1])
         )

@@ -359,6 +359,10 @@ def make_target(pipeline: Any) -> Target:
     if t.type == "local":
         streams = [s.model_dump() if hasattr(s, "model_dump") else dict(s) for s in (t.streams or [])]
         return LocalTarget(Path(t.database), t.environment, streams)
+    if t.type == "api":
+        from .targets.http import HttpTarget
+
+        return HttpTarget.from_config(t)
     raise ConfigError([("target.type", f"target type {t.type!r} is not supported by this version of loader")])
 
 

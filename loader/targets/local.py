@@ -110,6 +110,14 @@ class LocalTarget:
         )
         return SendResult(requests=requests, items=items)
 
+    def held_ids(self, streams: Sequence[str]) -> pl.DataFrame:
+        """The records of these streams that have an external_id: data_stream_key, external_id,
+        bulk_request_id, record_id. Reads the database without creating it."""
+        if self._engine is None and not self.database.exists():
+            return pl.DataFrame(schema={"data_stream_key": pl.String, "external_id": pl.String,
+                                        "bulk_request_id": pl.Int64, "record_id": pl.Int64})
+        return self.engine.external_ids(self.environment, list(streams))
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()

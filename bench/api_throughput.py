@@ -1,6 +1,6 @@
 """Benchmark: records per second through the `api` target against `loader serve`.
 
-    /work/venv/bin/python bench/api_throughput.py [--rows 20000] [--concurrency 1 4 8] [--latency 0 50]
+    /work/venv/bin/python bench/api_throughput.py [--rows 40000] [--concurrency 1 4 8] [--latency 0 50]
 
 For each added server latency, starts `loader serve` on a free port with a
 fresh database, then sends the same number of new records (1000 per bulk
@@ -97,7 +97,7 @@ def one_trial(url: str, server_pid: int, rows: int, concurrency: int, prefix: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=20_000, help="records per trial (default 20000)")
+    parser.add_argument("--rows", type=int, default=40_000, help="records per trial (default 40000)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--latency", type=int, nargs="+", default=[0, 50], help="added server latency, ms")
     args = parser.parse_args()

@@ -35,7 +35,9 @@ def _lock_for(path: Path) -> threading.RLock:
 class Engine:
     """An EndClose environment store: data streams, bulk requests and records.
 
-    Thread-safe: calls are serialised per database file. Share one Engine per
+    Thread-safe: writes are serialised per database file; reads run on a
+    cursor of their own thread, in a snapshot, beside the writer (DuckDB's
+    MVCC), so a server's polls never wait for its worker. Share one Engine per
     file in a process (DuckDB lets a single process hold the file).
     """
 
@@ -44,6 +46,8 @@ class Engine:
         self.path = path
         self.read_only = read_only
         self._lock = _lock_for(path)
+        self._readers = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
 
     # -- opening and transactions --------------------------------------------------------
 
@@ -89,6 +93,9 @@ class Engine:
         """Close the database file (idempotent)."""
         with self._lock:
             if self._con is not None:
+                for cursor in self._cursors:
+                    cursor.close()
+                self._cursors.clear()
                 self._con.close()
                 self._con = None
 
@@ -124,6 +131,27 @@ class Engine:
             except duckdb.Error as error:
                 raise TerminalTargetError(f"{self.path}: local database error: {error}") from None
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only transaction on this thread's own cursor; no lock needed."""
+        with self._lock:
+            if self._con is None:
+                raise TerminalTargetError(f"{self.path}: the engine is closed")
+            cursor = getattr(self._readers, "cursor", None)
+            if cursor is None or getattr(self._readers, "owner", None) is not self._con:
+                cursor = self._con.cursor()
+                cursor.register(CURRENCIES_VIEW, currency_table())
+                self._cursors.append(cursor)
+                self._readers.cursor, self._readers.owner = cursor, self._con
+        try:
+            cursor.execute("BEGIN TRANSACTION")
+            try:
+                yield cursor
+            finally:
+                cursor.execute("ROLLBACK")  # nothing was written; end the snapshot
+        except duckdb.Error as error:
+            raise TerminalTargetError(f"{self.path}: local database error: {error}") from None
+
     # -- environments and data streams -----------------------------------------------------
 
     def ensure_environment(self, name: str) -> None:
@@ -147,17 +175,17 @@ class Engine:
 
     def list_streams(self, environment: str) -> list[dict]:
         """GET /data_streams: the environment's streams."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             return streams.list_streams(con, environment)
 
     def get_stream(self, environment: str, key: str) -> dict:
         """GET /data_streams/{key}; NotFound when unknown."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             return streams.get_stream(con, environment, key)
 
     def stream_health(self, environment: str, key: str) -> dict:
         """GET /data_streams/{key}/health: records_count, bulk_requests by status, last_ingestion_at."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             return streams.stream_health(con, environment, key, utc_now())
 
     # -- bulk requests ---------------------------------------------------------------------
@@ -225,19 +253,19 @@ class Engine:
 
     def existing_idempotency_keys(self, environment: str, keys: Sequence[str]) -> list[str]:
         """Which of these Idempotency-Keys already name a bulk request of the environment."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             return queries.existing_idempotency_keys(con, environment, keys)
 
     def get_bulk_request(
         self, environment: str, bulk_request_id: int, *, limit: int = 50, offset: int = 0
     ) -> dict:
         """GET /bulk_requests/{id}: the request and a page of per-row results; NotFound when unknown."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             return queries.get_bulk_request(con, environment, bulk_request_id, limit=limit, offset=offset)
 
     def bulk_request_items(self, environment: str, bulk_request_ids: Sequence[int]) -> pl.DataFrame:
         """Every processed item of these requests: bulk_request_id, index, status, record_id, error."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             return queries.bulk_request_items(con, environment, bulk_request_ids)
 
     def list_bulk_requests(
@@ -253,7 +281,7 @@ class Engine:
         cursor: str | None = None,
     ) -> dict:
         """GET /bulk_requests: {data, next_cursor, limit}, newest first."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             return queries.list_bulk_requests(
                 con,
                 environment,
@@ -289,7 +317,7 @@ class Engine:
     def external_ids(self, environment: str, data_stream_keys: Sequence[str]) -> pl.DataFrame:
         """Every record of these streams with an external_id, in one read (for `loader cache sync`):
         data_stream_key, external_id, bulk_request_id, record_id."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             return con.sql(
                 "SELECT data_stream_key, external_id, bulk_request_id, id AS record_id FROM records "
                 "WHERE environment = $environment AND list_contains($streams::VARCHAR[], data_stream_key) "
@@ -308,7 +336,7 @@ class Engine:
         cursor: str | None = None,
     ) -> dict:
         """GET /records: {data, next_cursor, limit}, newest first; Unprocessable without a filter."""
-        with self._transaction() as con:
+        with self._snapshot() as con:
             return queries.list_records(
                 con,
                 environment,

@@ -34,7 +34,7 @@ class Worker:
         engine: Engine,
         environments: list[str],
         *,
-        slice_rows: int = 200,
+        slice_rows: int = 1000,
         injector: FaultInjector | None = None,
         on_slice: Callable[[int, int], None] | None = None,
     ):

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .errors import ConfigError, LoaderError
+from .errors import ConfigError, LoaderError, TerminalTargetError
 
 EXIT_USAGE = 2
 
@@ -88,9 +88,9 @@ def run(pipeline_file: str, var: tuple[str, ...], dry_run: bool, as_json: bool, 
             f"({pipeline.fail_on.failed_rows}); see {result.report.directory / 'rows.parquet'}",
             err=True,
         )
-    elif result.exit_code:
-        click.echo(f"error: {result.summary.get('error')}; run the same command again to finish the job",
-                   err=True)
+    elif result.error is not None:
+        hint = "" if isinstance(result.error, TerminalTargetError) else "; run the same command again to finish the job"
+        click.echo(f"error: {result.error}{hint}", err=True)
     sys.exit(result.exit_code)
 
 

@@ -63,6 +63,7 @@ class RunResult:
 
     report: Report
     exit_code: int
+    error: LoaderError | None = None  # why the run was aborted
 
     @property
     def summary(self) -> dict:
@@ -114,7 +115,10 @@ class Run:
         in_flight: tuple[Planned, Future[SendResult] | None] | None = None
         try:
             if not self.dry_run:
-                self.target.prepare()
+                try:
+                    self.target.prepare()
+                except TargetError as exc:
+                    error = exc  # every row is still read and reported, as unprocessed
             for batch in batches:
                 mapped = map_batch(batch, s.mapping).with_row_index("_pos")
                 writer.add_source_totals(_source_totals(mapped))
@@ -153,7 +157,7 @@ class Run:
         state.close()
         log.info("run finished", extra={"event": "run_end", "run_id": self.run_id, "pipeline": s.name,
                                         **report.totals, "exit_code": exit_code})
-        return RunResult(report=report, exit_code=exit_code)
+        return RunResult(report=report, exit_code=exit_code, error=error)
 
     # -- one batch ------------------------------------------------------------
     def _plan(self, mapped: pl.DataFrame, cache: Cache, deduper: SourceDeduper) -> "Planned":

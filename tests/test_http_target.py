@@ -458,7 +458,7 @@ def test_a_poll_that_never_ends_within_poll_timeout_exits_3(tmp_path):
         engine.ensure_environment("default")
         engine.ensure_streams("default", [{"key": "ops", "name": "Ops"}])
         table = normalize_json_records(json.dumps(backlog))
-        engine.submit("default", [BulkSubmission(records=table, idempotency_key=f"backlog-{n}") for n in range(60)],
+        engine.submit("default", [BulkSubmission(records=table, idempotency_key=f"backlog-{n}") for n in range(150)],
                       process=False)
     with serving(tmp_path / "server") as server:
         path = write_pipeline(tmp_path, ROWS[:3], target=api_target(server, poll_timeout_seconds=0.3))

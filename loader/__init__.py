@@ -20,6 +20,7 @@ from .errors import (
     TerminalTargetError,
 )
 from .logs import configure as configure_logging
+from .reconcile import ReconcileResult, reconcile_pipeline as reconcile
 from .report import Report, TooManyFailures
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "LockedError",
     "MappingConfig",
     "Pipeline",
+    "ReconcileResult",
     "Report",
     "RetryableTargetError",
     "SourceError",
@@ -39,6 +41,7 @@ __all__ = [
     "configure_logging",
     "load",
     "load_pipeline",
+    "reconcile",
     "run",
     "validate",
 ]

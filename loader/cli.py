@@ -97,6 +97,26 @@ def run(pipeline_file: str, var: tuple[str, ...], dry_run: bool, as_json: bool, 
 @main.command()
 @click.argument("pipeline_file", type=click.Path(dir_okay=False))
 @click.option("--var", "var", multiple=True, metavar="K=V", help="Set ${K} in pipeline.yaml (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@_guard
+def reconcile(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
+    """Compare the source with what the target holds for the pipeline's streams. Loads nothing.
+
+    Writes summary.json and diff.parquet under report.dir; exit 0 when every key matched, 1 otherwise.
+    """
+    from .reconcile import format_reconcile_text, reconcile_pipeline
+
+    result = reconcile_pipeline(_load(pipeline_file, var))
+    if as_json:
+        click.echo(json.dumps(result.summary, indent=2, default=str))
+    else:
+        click.echo(format_reconcile_text(result.summary))
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.option("--var", "var", multiple=True, metavar="K=V", help="Set ${K} in pipeline.yaml (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @_guard
 def validate(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:

@@ -108,7 +108,8 @@ def test_streams_add_and_list(tmp_path):
 
 
 def test_every_command_has_help():
-    for command in (["run"], ["validate"], ["streams", "add"], ["streams", "list"], ["runs"], ["report"]):
+    for command in (["run"], ["validate"], ["reconcile"], ["serve"], ["cache", "sync"], ["streams", "add"],
+                    ["streams", "list"], ["runs"], ["report"]):
         result = run_cli(*command, "--help")
         assert result.returncode == 0
         assert "Usage:" in result.stdout

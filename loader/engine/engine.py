@@ -325,6 +325,20 @@ class Engine:
                 params={"environment": environment, "streams": sorted(set(data_stream_keys))},
             ).pl()
 
+    def records_frame(self, environment: str, data_stream_keys: Sequence[str], date_min, date_max) -> pl.DataFrame:
+        """The records of these streams dated within [date_min, date_max], in one read (for
+        `loader reconcile`): data_stream_key, external_id, date, amount, currency, direction,
+        description, metadata (JSON text), record_id; oldest record first."""
+        with self._snapshot() as con:
+            return con.sql(
+                "SELECT data_stream_key, external_id, date, amount, currency, direction, description, "
+                "CAST(metadata AS VARCHAR) AS metadata, id AS record_id FROM records "
+                "WHERE environment = $environment AND list_contains($streams::VARCHAR[], data_stream_key) "
+                "AND date BETWEEN $date_min AND $date_max ORDER BY id",
+                params={"environment": environment, "streams": sorted(set(data_stream_keys)),
+                        "date_min": date_min, "date_max": date_max},
+            ).pl()
+
     def list_records(
         self,
         environment: str,

@@ -174,6 +174,57 @@ class HttpTarget:
                              "bulk_request_id": [None] * len(record_ids), "record_id": record_ids},
                             schema=HELD_SCHEMA)
 
+    # -- reconcile ----------------------------------------------------------------------
+
+    def records_for(self, streams: Sequence[str], date_min, date_max) -> pl.DataFrame:
+        """The records of these streams dated within [date_min, date_max] (TARGET_RECORD_SCHEMA of
+        loader.reconcile): `GET /records` per stream, every page, through the retry policy. The API
+        has no date filter, so the range is applied here, page by page; oldest record first."""
+        import json
+
+        from ..reconcile import TARGET_RECORD_SCHEMA
+
+        wire = {**TARGET_RECORD_SCHEMA, "date": pl.String}
+        low, high = str(date_min), str(date_max)  # ISO dates compare as text
+        pages: list[pl.DataFrame] = []
+        for stream in streams:
+            cursor = None
+            while True:
+                params: dict = {"data_stream_key": stream, "limit": PAGE_SIZE}
+                if cursor is not None:
+                    params["cursor"] = cursor
+                page = self.api.get_json(self.api.url("/records"), params=params,
+                                         what=f"GET /records of data stream {stream}")
+                rows = [
+                    {
+                        "data_stream_key": record.get("data_stream_key", stream),
+                        "external_id": record.get("external_id"),
+                        "date": record.get("date"),
+                        "amount": record.get("amount"),
+                        "currency": record.get("currency"),
+                        "direction": record.get("direction"),
+                        "description": record.get("description"),
+                        "metadata": json.dumps(record.get("metadata") or {}, separators=(",", ":"),
+                                               ensure_ascii=False),
+                        "record_id": record.get("id"),
+                    }
+                    for record in page.get("data") or []
+                    if low <= str(record.get("date")) <= high
+                ]
+                if rows:
+                    pages.append(pl.from_dicts(rows, schema=wire))
+                cursor = page.get("next_cursor")
+                if not cursor:
+                    break
+        if not pages:
+            return pl.DataFrame(schema=TARGET_RECORD_SCHEMA)
+        return (
+            pl.concat(pages)
+            .with_columns(pl.col("date").str.to_date("%Y-%m-%d"))
+            .sort("record_id")
+            .cast(TARGET_RECORD_SCHEMA)
+        )
+
     # -- one chunk -------------------------------------------------------------------------
 
     def _load_chunk(self, chunk: Chunk, on_conflict: str, abort: threading.Event) -> _Loaded:

@@ -118,6 +118,16 @@ class LocalTarget:
                                         "bulk_request_id": pl.Int64, "record_id": pl.Int64})
         return self.engine.external_ids(self.environment, list(streams))
 
+    def records_for(self, streams: Sequence[str], date_min, date_max) -> pl.DataFrame:
+        """The records of these streams dated within [date_min, date_max] (TARGET_RECORD_SCHEMA of
+        loader.reconcile), in one read; oldest first. Reads the database without creating it."""
+        from ..reconcile import TARGET_RECORD_SCHEMA
+
+        if self._engine is None and not self.database.exists():
+            return pl.DataFrame(schema=TARGET_RECORD_SCHEMA)
+        frame = self.engine.records_frame(self.environment, list(streams), date_min, date_max)
+        return frame.select(list(TARGET_RECORD_SCHEMA)).cast(TARGET_RECORD_SCHEMA)
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()

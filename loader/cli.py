@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .errors import ConfigError, LoaderError, TerminalTargetError
+from .errors import ConfigError, LoaderError, RetryableTargetError
 
 EXIT_USAGE = 2
 
@@ -51,12 +51,13 @@ def _load(pipeline_file: str, var: tuple[str, ...]) -> Any:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="Log lines on stderr as text, or as one JSON object per event (for schedulers).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
-              help="Default: info with --log-format json, else warning.")
+              help="Default: info with --log-format json; with text, no event lines (the command prints "
+                   "its own summary and errors).")
 def main(log_format: str, log_level: str | None) -> None:
     """Load financial records into EndClose: map, validate, dedupe, bulk-load, report."""
     from .logs import configure
 
-    configure(log_format, log_level or ("info" if log_format == "json" else "warning"))
+    configure(log_format, log_level or ("info" if log_format == "json" else "critical"))
 
 
 @main.command()
@@ -89,7 +90,7 @@ def run(pipeline_file: str, var: tuple[str, ...], dry_run: bool, as_json: bool, 
             err=True,
         )
     elif result.error is not None:
-        hint = "" if isinstance(result.error, TerminalTargetError) else "; run the same command again to finish the job"
+        hint = "; run the same command again to finish the job" if isinstance(result.error, RetryableTargetError) else ""
         click.echo(f"error: {result.error}{hint}", err=True)
     sys.exit(result.exit_code)
 

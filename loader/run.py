@@ -24,7 +24,7 @@ import polars as pl
 from .cache import CONFIRMED_COLUMNS, Cache
 from .chunk import Chunk, plan_chunks
 from .dedupe import KEY, SourceDeduper
-from .errors import LoaderError, TargetError
+from .errors import LoaderError, SourceError, TargetError
 from .history import History
 from .mapping import check_columns, map_batch
 from .report import Report, ReportWriter
@@ -109,6 +109,7 @@ class Run:
         deduper = SourceDeduper(self.target.target_key, scratch_dir=s.cache_path.parent)
         log.info("run started", extra={"event": "run_start", "run_id": self.run_id, "pipeline": s.name})
         error: LoaderError | None = None
+        errors: list[SourceError] = []  # a source that breaks partway: rows read so far are reported
         # While the target applies batch k, batch k+1 is read, mapped, validated and deduped:
         # one send in flight at a time, so results are settled (cache, report) in source order.
         sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-send")
@@ -119,7 +120,7 @@ class Run:
                     self.target.prepare()
                 except TargetError as exc:
                     error = exc  # every row is still read and reported, as unprocessed
-            for batch in batches:
+            for batch in _until_unreadable(batches, on_error=lambda exc: errors.append(exc)):
                 mapped = map_batch(batch, s.mapping).with_row_index("_pos")
                 writer.add_source_totals(_source_totals(mapped))
                 self.rows_read += batch.height
@@ -140,6 +141,8 @@ class Run:
                 in_flight = (planned, future)
             if in_flight is not None:
                 error = self._settle(*in_flight, cache, writer) or error
+            if errors and error is None:
+                error = errors[0]
         finally:
             sender.shutdown(wait=True)
             deduper.close()
@@ -149,6 +152,8 @@ class Run:
                                bulk_requests=sorted(self.bulk_request_ids),
                                error=str(error) if error else None)
         exit_code = error.exit_code if error else (1 if report.failed_rows > s.max_failed_rows else 0)
+        if isinstance(error, SourceError) and self.bulk_request_ids:
+            exit_code = 3  # something was loaded before the source broke: aborted, not refused
         if error is not None:
             log.error("run aborted", extra={"event": "error", "run_id": self.run_id, "pipeline": s.name,
                                             "error": str(error), "exit_code": exit_code})
@@ -251,6 +256,20 @@ class Planned:
         """The batch's rows when its send failed: the unsent ones are `unprocessed`."""
         unsent = self.to_send.with_columns(pl.lit(f"not sent: the run was aborted ({error})").alias("reason"))
         return self.rows(_outcome(unsent, "failed", "unprocessed"))
+
+
+def _until_unreadable(batches: Iterator[pl.DataFrame], *, on_error: Callable[[SourceError], None]
+                      ) -> Iterator[pl.DataFrame]:
+    """The source's batches until one cannot be read; that error goes to `on_error`."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except SourceError as exc:
+            on_error(exc)
+            return
+        yield batch
 
 
 # -- outcomes -----------------------------------------------------------------

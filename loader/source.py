@@ -51,6 +51,9 @@ class SourceSpec:
     query: str | None = None
     transform_sql: str | None = None
     base_dir: Path = field(default_factory=Path.cwd)
+    # The columns the mapping reads: the columns of a source whose files are all empty (0 bytes,
+    # not even a header), so that such a source is 0 rows and not a missing-column config error.
+    expected_columns: list[str] = field(default_factory=list)
 
     @classmethod
     def from_pipeline(cls, pipeline: Any) -> "SourceSpec":
@@ -69,6 +72,7 @@ class SourceSpec:
             query=getattr(src, "query", None),
             transform_sql=transform.sql if transform is not None else None,
             base_dir=Path(pipeline.base_dir),
+            expected_columns=_mapped_columns(getattr(pipeline, "mapping", None)),
         )
 
 
@@ -94,7 +98,7 @@ class Source:
                 raise ConfigError([("source.query", _duckdb_message(exc))]) from None
         if not self.spec.files:
             raise ConfigError([("source.path", "no file to read")])
-        schema = self._file_schema(self.spec.files[0])
+        schema = self._source_schema()
         if self.spec.transform_sql is None:
             return list(schema.keys())
         empty = pl.DataFrame(schema=schema).to_arrow()
@@ -106,14 +110,25 @@ class Source:
         finally:
             self._con.unregister("source")
 
-    def _file_schema(self, path: Path) -> dict[str, pl.DataType]:
+    def _source_schema(self) -> dict[str, pl.DataType]:
+        """The schema of the first file that is not empty; all empty: the mapped columns, as text."""
+        for path in self.spec.files:
+            schema = self._file_schema(path)
+            if schema is not None:
+                return schema
+        schema = {name: pl.String for name in self.spec.expected_columns}
+        schema[SOURCE_ROW] = pl.Int64
+        schema[SOURCE_FILE] = pl.String
+        return schema
+
+    def _file_schema(self, path: Path) -> dict[str, pl.DataType] | None:
         lf = self._scan(path)
         if lf is None:
-            return {SOURCE_ROW: pl.Int64, SOURCE_FILE: pl.String}
+            return None
         try:
             schema = dict(lf.collect_schema())
         except Exception as exc:  # polars raises many types for unreadable files
-            raise SourceError(f"cannot read {path}: {_first_line(exc)}; check source.format and source.csv") from None
+            raise SourceError(f"cannot read {path}: {self._read_problem(exc)}") from None
         schema[SOURCE_ROW] = pl.Int64
         schema[SOURCE_FILE] = pl.String
         return schema
@@ -146,14 +161,22 @@ class Source:
                     )
             except pl.exceptions.PolarsError as exc:
                 raise SourceError(
-                    f"cannot read {path} after row {self.file_rows[name]}: {_first_line(exc)}; "
-                    "check source.format and source.csv"
+                    f"cannot read {path} after row {self.file_rows[name]}: {self._read_problem(exc)}"
                 ) from None
+
+    def _read_problem(self, exc: BaseException) -> str:
+        """What went wrong reading a file, and what to change in pipeline.yaml."""
+        text = _first_line(exc)
+        if "utf-8" in text.lower() or "utf8" in text.lower():
+            return (f"{text}: the file is not valid UTF-8 (source.csv.encoding: {self.spec.csv.encoding}); "
+                    "set source.csv.encoding to latin1 if the file is Latin-1 / Windows-1252, or to "
+                    "utf8-lossy to read it with the bad bytes replaced by U+FFFD")
+        return f"{text}; check source.format and source.csv"
 
     def _transformed_batches(self) -> Iterator[pl.DataFrame]:
         stream = self._file_batches()
         first = next(stream, None)
-        schema_frame = first if first is not None else pl.DataFrame(schema=self._file_schema(self.spec.files[0]))
+        schema_frame = first if first is not None else pl.DataFrame(schema=self._source_schema())
         arrow_schema = schema_frame.to_arrow().schema
 
         def arrow_batches() -> Iterator[pa.RecordBatch]:
@@ -282,6 +305,21 @@ def _format_of(path: Path) -> str:
         if name.endswith(suffix):
             return fmt
     return "csv"
+
+
+def _mapped_columns(mapping: Any) -> list[str]:
+    """The source columns a mapping reads (`column` and `columns` of every field), in order."""
+    names: list[str] = []
+    if mapping is None:
+        return names
+    fields = mapping.model_dump() if hasattr(mapping, "model_dump") else dict(mapping)
+    for spec in fields.values():
+        if not isinstance(spec, dict):
+            continue
+        for name in ([spec["column"]] if spec.get("column") is not None else []) + list(spec.get("columns") or []):
+            if isinstance(name, str) and name not in names:
+                names.append(name)
+    return names
 
 
 def _sql_quote(text: str) -> str:

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -101,7 +101,11 @@ def _finite_float(text: str) -> float:
 
 async def _json_body(request: Request) -> Any:
     """The request body as JSON; BadRequest (400) for anything that is not JSON."""
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        # The client went away mid-body (a killed loader run): nothing was read, nothing is done.
+        raise BadRequest("the client disconnected before sending the whole body") from None
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as error:

@@ -44,10 +44,9 @@ import duckdb
 import polars as pl
 
 from .dedupe import KEY, SourceDeduper
-from .mapping import check_columns, map_batch
-from .report import format_major
-from .source import SOURCE_FILE, SOURCE_ROW, Source, SourceSpec
-from .validate import Rules, split_valid
+from .report import align_columns, format_major
+from .run import validated_batches
+from .source import SOURCE_FILE, SOURCE_ROW
 
 STATUSES = ("matched", "mismatched", "missing_in_target", "unexpected_in_target")
 COMPARED = ("date", "amount", "currency", "direction")  # what `matched` means
@@ -196,21 +195,17 @@ def read_source_side(pipeline: Any, target_key: str, *, scratch_dir: Path | None
                      ) -> tuple[pl.DataFrame, dict[str, int]]:
     """The source's valid, deduped rows, keyed as the cache keys them (compact columns plus
     source_file/source_row), and the counts {rows, valid, invalid, duplicates}."""
-    rules = Rules.from_config(pipeline.validation)
     counts = {"rows": 0, "valid": 0, "invalid": 0, "duplicates": 0}
     parts: list[pl.DataFrame] = []
     deduper = SourceDeduper(target_key, scratch_dir=scratch_dir)
     try:
-        with Source(SourceSpec.from_pipeline(pipeline)) as source:
-            check_columns(pipeline.mapping, source.columns)
-            for batch in source.batches():
-                valid, invalid = split_valid(map_batch(batch, pipeline.mapping), rules)
-                counts["rows"] += batch.height
-                counts["valid"] += valid.height
-                counts["invalid"] += invalid.height
-                deduplicated = deduper.split(canonical_metadata(valid))
-                counts["duplicates"] += deduplicated.duplicates.height
-                parts.append(deduplicated.unique.select(*_SIDE_COLUMNS, SOURCE_FILE, SOURCE_ROW))
+        for batch, valid, invalid in validated_batches(pipeline):
+            counts["rows"] += batch.height
+            counts["valid"] += valid.height
+            counts["invalid"] += invalid.height
+            deduplicated = deduper.split(canonical_metadata(valid))
+            counts["duplicates"] += deduplicated.duplicates.height
+            parts.append(deduplicated.unique.select(*_SIDE_COLUMNS, SOURCE_FILE, SOURCE_ROW))
     finally:
         deduper.close()
     if not parts:
@@ -369,12 +364,12 @@ def format_reconcile_text(summary: dict) -> str:
         f"target: {summary['target_records']:,} records "
         f"({summary['date_range']['min'] or '-'} to {summary['date_range']['max'] or '-'})",
     ]
-    lines.extend("  " + row for row in _align([(status, f"{counts[status]:,}") for status in STATUSES], right=(1,)))
+    lines.extend("  " + row for row in align_columns([(status, f"{counts[status]:,}") for status in STATUSES], right=(1,)))
     if summary["mismatched_fields"]:
         lines.append("differing fields: " + ", ".join(f"{k} {v:,}" for k, v in summary["mismatched_fields"].items()))
     if summary["control_totals"]:
         lines.append("control totals:")
-        lines.extend("  " + row for row in _align(_totals_rows(summary), right=(2, 3, 4, 5)))
+        lines.extend("  " + row for row in align_columns(_totals_rows(summary), right=(2, 3, 4, 5)))
     lines.append(f"written to {summary.get('directory', '')}".rstrip())
     return "\n".join(lines)
 
@@ -394,15 +389,6 @@ def _totals_rows(summary: dict) -> list[tuple[str, ...]]:
 def _money(amount: int, currency: str | None) -> str:
     major = format_major(amount, currency)
     return major if major is not None else f"{amount:,} minor units"
-
-
-def _align(table: list[tuple[str, ...]], *, right: tuple[int, ...]) -> list[str]:
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return [
-        "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-        .rstrip()
-        for row in table
-    ]
 
 
 # -- files ---------------------------------------------------------------------------

@@ -452,11 +452,11 @@ def format_summary_text(summary: dict) -> str:
                 (_text(line["data_stream_key"]), _text(line["currency"]), line["outcome"], f"{line['rows']:,}", amount)
             )
         lines.append("control totals:")
-        lines.extend("  " + row for row in _align(table, right=(3, 4)))
+        lines.extend("  " + row for row in align_columns(table, right=(3, 4)))
     if summary["reasons"]:
         lines.append("reasons:")
         table = [(r["outcome"], r["reason_code"], f"{r['rows']:,}") for r in summary["reasons"]]
-        lines.extend("  " + row for row in _align(table, right=(2,)))
+        lines.extend("  " + row for row in align_columns(table, right=(2,)))
     return "\n".join(lines)
 
 
@@ -464,7 +464,8 @@ def _text(value: str | None) -> str:
     return "(none)" if value is None else value
 
 
-def _align(table: list[tuple[str, ...]], *, right: tuple[int, ...]) -> list[str]:
+def align_columns(table: list[tuple[str, ...]], *, right: tuple[int, ...]) -> list[str]:
+    """Text table rows with padded columns; the columns in `right` are right-aligned."""
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return [
         "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))

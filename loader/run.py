@@ -422,23 +422,29 @@ def _payload_writer(directory: Path | None) -> Any:
     return PayloadWriter(Path(directory))
 
 
+def validated_batches(pipeline: Any) -> Iterator[tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]]:
+    """(source batch, valid rows, invalid rows) of a pipeline's source: what `run` checks, loading nothing."""
+    rules = Rules.from_config(pipeline.validation)
+    with Source(SourceSpec.from_pipeline(pipeline)) as source:
+        check_columns(pipeline.mapping, source.columns)
+        for batch in source.batches():
+            valid, invalid = split_valid(map_batch(batch, pipeline.mapping), rules)
+            yield batch, valid, invalid
+
+
 def validate_pipeline(pipeline: Any, *, vars: Mapping[str, str] | None = None, top: int = 10) -> dict:
     """Read, map and validate the source; load nothing. Counts and the most common reasons."""
     from .config import load_pipeline
 
     if not hasattr(pipeline, "mapping"):
         pipeline = load_pipeline(Path(pipeline), vars or {})
-    rules = Rules.from_config(pipeline.validation)
     counts = {"rows": 0, "valid": 0, "invalid": 0}
     reasons: list[pl.DataFrame] = []
-    with Source(SourceSpec.from_pipeline(pipeline)) as source:
-        check_columns(pipeline.mapping, source.columns)
-        for batch in source.batches():
-            valid, invalid = split_valid(map_batch(batch, pipeline.mapping), rules)
-            counts["rows"] += batch.height
-            counts["valid"] += valid.height
-            counts["invalid"] += invalid.height
-            reasons.append(invalid.group_by("reason").len("rows"))
+    for batch, valid, invalid in validated_batches(pipeline):
+        counts["rows"] += batch.height
+        counts["valid"] += valid.height
+        counts["invalid"] += invalid.height
+        reasons.append(invalid.group_by("reason").len("rows"))
     merged = (
         pl.concat(reasons).group_by("reason").agg(pl.col("rows").sum()).sort("rows", "reason", descending=[True, False])
         if reasons else pl.DataFrame(schema={"reason": pl.String, "rows": pl.UInt32})

@@ -12,7 +12,7 @@ import httpx
 import polars as pl
 import pytest
 import yaml
-from conftest import pipeline_config, run_cli, summary_of, write_csv
+from conftest import SAMPLE_ROWS, pipeline_config, run_cli, summary_of, write_csv
 from pydantic import SecretStr
 from serve_fixture import running_server
 
@@ -168,18 +168,7 @@ def test_retry_after_reads_seconds_and_dates():
 # -- end to end against a real `loader serve` ------------------------------------------------
 
 KEY = "test-key"
-ROWS = [
-    ["2024-01-02", "T1", "Payroll", "100.50", "USD", "DR"],
-    ["2024-01-03", "T2", "Refund", "20", "EUR", "CR"],
-    ["2024-01-04", "T3", "Vendor", "1500", "JPY", "DR"],
-    ["2024-01-05", "T4", "Rent", "1.234", "BHD", "DR"],
-    ["2024-01-06", "", "Fee", "0.99", "USD", "DR"],
-    ["2024-01-06", "", "Fee", "0.99", "USD", "DR"],  # an identical id-less row: a second record
-    ["2024-01-07", "T1", "Payroll again", "100.50", "USD", "DR"],  # repeated id
-    ["2024-13-01", "T5", "Bad date", "1.00", "USD", "DR"],
-    ["2024-01-08", "T6", "Too precise", "1.001", "USD", "CR"],
-    ["2024-01-09", "T7", "Card", "-12.30", "usd", "CR"],
-]
+ROWS = [*SAMPLE_ROWS, ["2024-01-09", "T7", "Card", "-12.30", "usd", "CR"]]
 # A second file sent later by a pipeline with its own cache: T1..T3 are in the target already.
 LATER = [["2024-01-02", f"T{n}", "Again", "1.00", "USD", "DR"] for n in (1, 2, 3)] + [
     ["2024-02-01", "T8", "New", "5.00", "USD", "CR"]]

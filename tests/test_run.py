@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import duckdb
 import polars as pl
+from conftest import SAMPLE_ROWS
 
 from loader.run import run_pipeline
 
-ROWS = [
-    ["2024-01-02", "T1", "Payroll", "100.50", "USD", "DR"],
-    ["2024-01-03", "T2", "Refund", "20", "EUR", "CR"],
-    ["2024-01-04", "T3", "Vendor", "1500", "JPY", "DR"],
-    ["2024-01-05", "T4", "Rent", "1.234", "BHD", "DR"],
-    ["2024-01-06", "", "Fee", "0.99", "USD", "DR"],
-    ["2024-01-06", "", "Fee", "0.99", "USD", "DR"],  # an identical id-less row: a second record
-    ["2024-01-07", "T1", "Payroll again", "100.50", "USD", "DR"],  # repeated id
-    ["2024-13-01", "T5", "Bad date", "1.00", "USD", "DR"],
-    ["2024-01-08", "T6", "Too precise", "1.001", "USD", "CR"],
-]
+ROWS = SAMPLE_ROWS
 
 
 def reasons(report) -> dict[tuple[str, str], int]:

@@ -294,20 +294,37 @@ def list_records(
             "external_id": (external_id, "r.external_id = $external_id"),
             "bulk_request_id": (bulk_request_id, "r.bulk_request_id = $bulk_request_id"),
         },
-        cursor,
+        None,
         "r.id",
     )
-    rows = rows_as_dicts(
-        con,
-        f"""
-        SELECT r.id, r.data_stream_key, r.date, r.amount, r.currency, c.exponent AS decimal_places,
-               r.direction, r.description, r.external_id, CAST(r.metadata AS VARCHAR) AS metadata
-        FROM records AS r LEFT JOIN {CURRENCIES_VIEW} AS c ON c.code = r.currency
-        WHERE {' AND '.join(conditions)}
-        ORDER BY r.id DESC LIMIT $limit
-        """,
-        params,
-    )
+    lowest, highest = con.execute(
+        "SELECT min(id), max(id) FROM records WHERE environment = $environment", {"environment": environment}
+    ).fetchall()[0]
+    if lowest is None:
+        return {"data": [], "next_cursor": None, "limit": limit}
+    # DuckDB reads no index in order: "ORDER BY id DESC LIMIT n" below a cursor would scan every
+    # older row for every page. A window of ids below the cursor, widened until it holds a page,
+    # lets the zone maps skip all other row groups, so paging through a table stays linear.
+    upper = decode_cursor(cursor) if cursor is not None else highest + 1
+    window = 4 * (limit + 1)
+    while True:
+        params.update(upper_id=upper, lower_id=upper - window)
+        rows = rows_as_dicts(
+            con,
+            f"""
+            SELECT r.id, r.data_stream_key, r.date, r.amount, r.currency, c.exponent AS decimal_places,
+                   r.direction, r.description, r.external_id, CAST(r.metadata AS VARCHAR) AS metadata
+            FROM (SELECT * FROM records AS r
+                  WHERE {' AND '.join(conditions)} AND r.id < $upper_id AND r.id >= $lower_id
+                  ORDER BY r.id DESC LIMIT $limit) AS r
+            LEFT JOIN {CURRENCIES_VIEW} AS c ON c.code = r.currency
+            ORDER BY r.id DESC
+            """,
+            params,
+        )
+        if len(rows) > limit or upper - window <= lowest:
+            break
+        window *= 4
     rows, next_cursor = _page(rows, limit)
     for row in rows:
         row["date"] = iso(row["date"])

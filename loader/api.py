@@ -108,11 +108,9 @@ def _with_progress(progress: bool, call: Any) -> RunResult:
 
 
 def _report_or_raise(result: RunResult) -> Report:
-    error = result.summary.get("error")
-    if result.exit_code >= 2 and error:
-        from .errors import TargetError
-
-        exc = TargetError(f"{error}; run again to finish the job (report: {result.report.directory})")
-        exc.report = result.report  # type: ignore[attr-defined]
-        raise exc
+    """The report; or, for an aborted run, the error that aborted it (its class kept, so callers can
+    tell a retryable abort from a terminal one) with the partial report as `.report`."""
+    if result.error is not None:
+        result.error.report = result.report  # type: ignore[attr-defined]
+        raise result.error
     return result.report

@@ -1,0 +1,1 @@
+"""Integrations of loader with orchestrators (optional extras)."""

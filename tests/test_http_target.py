@@ -71,10 +71,10 @@ def test_429_waits_as_long_as_retry_after_says_then_resends_the_same_request():
 
 def test_retries_are_logged_with_chunk_and_idempotency_key_but_never_the_key(caplog):
     client, _ = client_answering(httpx.Response(503), httpx.Response(202, json={"id": 1}))
-    with caplog.at_level("DEBUG", logger="loader"):
+    with caplog.at_level("INFO", logger="loader"):
         client.request("POST", client.url("/records/bulk"), what="POST /records/bulk (chunk 7)", content=b"{}",
                        context={"chunk": 7, "idempotency_key": "abc123"})
-    [record] = [r for r in caplog.records if getattr(r, "event", None) == "http_retry"]
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "retry"]
     assert (record.chunk, record.idempotency_key, record.attempt) == (7, "abc123", 1)
     assert "503" in record.getMessage() and "abc123" in record.getMessage()
     assert SECRET not in caplog.text

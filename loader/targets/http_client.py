@@ -148,14 +148,14 @@ class ApiClient:
         where = "".join(f", {name} {value}" for name, value in fields.items())
 
         def before_sleep(state: RetryCallState) -> None:
-            if not log.isEnabledFor(logging.DEBUG):
+            if not log.isEnabledFor(logging.INFO):
                 return
             error = state.outcome.exception() if state.outcome is not None else None
             reason = error.reason if isinstance(error, TransientError) else str(error)
             wait = state.next_action.sleep if state.next_action is not None else 0.0
-            log.debug(
+            log.info(
                 "retrying %s%s after attempt %d: %s; waiting %.2fs", what, where, state.attempt_number, reason, wait,
-                extra={"event": "http_retry", "what": what, **fields, "attempt": state.attempt_number,
+                extra={"event": "retry", "what": what, **fields, "attempt": state.attempt_number,
                        "reason": reason, "wait_seconds": round(wait, 3)},
             )
 

@@ -61,6 +61,30 @@ def generate(n: int, *, id_prefix: str = "TXN") -> pl.DataFrame:
     )
 
 
+def bench_pipeline(name: str, source: Path, target: dict) -> str:
+    """pipeline.yaml for a generated file: the mapping of its columns, state under state/."""
+    import yaml
+
+    return yaml.safe_dump({
+        "version": 1,
+        "name": name,
+        "source": {"path": str(source)},
+        "mapping": {
+            "date": {"column": "date"},
+            "data_stream_key": {"column": "data_stream_key"},
+            "amount": {"column": "amount", "unit": "major"},
+            "currency": {"column": "currency"},
+            "description": {"column": "description"},
+            "external_id": {"column": "external_id"},
+            "metadata": {"column": "metadata"},
+        },
+        "dedupe": {"cache": "state/cache.duckdb"},
+        "target": target,
+        "report": {"dir": "reports", "formats": ["json", "parquet"]},
+        "fail_on": {"failed_rows": 100_000_000},
+    }, sort_keys=False)
+
+
 def main() -> None:
     n = int(sys.argv[1])
     out = Path(sys.argv[2])

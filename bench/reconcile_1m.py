@@ -18,34 +18,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
+
+from generate import bench_pipeline
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 KEY = "bench-key"
 
-PIPELINE = textwrap.dedent("""
-    version: 1
-    name: bench_reconcile
-    source: {{path: {source}}}
-    mapping:
-      date: {{column: date}}
-      data_stream_key: {{column: data_stream_key}}
-      amount: {{column: amount, unit: major}}
-      currency: {{column: currency}}
-      description: {{column: description}}
-      external_id: {{column: external_id}}
-      metadata: {{column: metadata}}
-    dedupe: {{cache: state/cache.duckdb}}
-    target:
-    {target}
-    report: {{dir: reports, formats: [json, parquet]}}
-    fail_on: {{failed_rows: 100000000}}
-""")
-LOCAL = "  {type: local, database: state/serve.duckdb, streams: [{key: bank_operating, name: Bank operating}]}"
-API = "  {type: api, base_url: '${URL}', api_key: '${KEY}'}"
+LOCAL = {"type": "local", "database": "state/serve.duckdb",
+         "streams": [{"key": "bank_operating", "name": "Bank operating"}]}
+API = {"type": "api", "base_url": "${URL}", "api_key": "${KEY}"}
 
 
 def main() -> None:
@@ -61,8 +45,8 @@ def main() -> None:
         subprocess.run([sys.executable, str(HERE / "generate.py"), str(args.rows), str(source)], check=True)
     work = Path(tempfile.mkdtemp(prefix="loader-bench-reconcile-"))
     try:
-        (work / "local.yaml").write_text(PIPELINE.format(source=source, target=LOCAL))
-        (work / "api.yaml").write_text(PIPELINE.format(source=source, target=API))
+        (work / "local.yaml").write_text(bench_pipeline("bench_reconcile", source, LOCAL))
+        (work / "api.yaml").write_text(bench_pipeline("bench_reconcile", source, API))
         start = time.perf_counter()
         loaded = run_pipeline(work / "local.yaml")
         print(f"setup: loaded {loaded.report.totals['successful']:,} records into the engine "

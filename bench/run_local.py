@@ -23,6 +23,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from generate import bench_pipeline
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 OUT = HERE / "out"
@@ -35,26 +37,8 @@ FLOOR = textwrap.dedent("""
     con.close()
 """)
 
-PIPELINE = textwrap.dedent("""
-    version: 1
-    name: bench_local
-    source: {{path: {source}}}
-    mapping:
-      date: {{column: date}}
-      data_stream_key: {{column: data_stream_key}}
-      amount: {{column: amount, unit: major}}
-      currency: {{column: currency}}
-      description: {{column: description}}
-      external_id: {{column: external_id}}
-      metadata: {{column: metadata}}
-    dedupe: {{cache: state/cache.duckdb}}
-    target:
-      type: local
-      database: state/endclose.duckdb
-      streams: [{{key: bank_operating, name: Bank operating}}]
-    report: {{dir: reports, formats: [json, parquet]}}
-    fail_on: {{failed_rows: 100000000}}
-""")
+LOCAL_TARGET = {"type": "local", "database": "state/endclose.duckdb",
+                "streams": [{"key": "bank_operating", "name": "Bank operating"}]}
 
 
 def timed(cmd: list[str], *, cwd: Path | None = None) -> tuple[float, float]:
@@ -89,12 +73,12 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     # Prime the same paths the timed run uses: the cache is keyed by the database's path.
-    (work / "prime.yaml").write_text(PIPELINE.format(source=prime))
+    (work / "prime.yaml").write_text(bench_pipeline("bench_local", prime, LOCAL_TARGET))
     subprocess.run([sys.executable, "-m", "loader", "run", str(work / "prime.yaml")], check=False,
                    stdout=subprocess.DEVNULL)
     (work / "state").rename(work / "primed")
     shutil.rmtree(work / "reports", ignore_errors=True)
-    (work / "pipeline.yaml").write_text(PIPELINE.format(source=full))
+    (work / "pipeline.yaml").write_text(bench_pipeline("bench_local", full, LOCAL_TARGET))
     loader_runs, floor_runs = [], []
     for _ in range(args.trials):
         shutil.rmtree(work / "state", ignore_errors=True)

@@ -288,12 +288,18 @@ def _rebatch(batches: Iterator[pl.DataFrame], batch_rows: int) -> Iterator[pl.Da
     """Join the scan's small morsels into batches of about `batch_rows` rows."""
     pending: list[pl.DataFrame] = []
     size = 0
-    for batch in batches:
-        pending.append(batch)
-        size += batch.height
-        if size >= batch_rows:
+    try:
+        for batch in batches:
+            pending.append(batch)
+            size += batch.height
+            if size >= batch_rows:
+                yield pl.concat(pending, how="diagonal_relaxed")
+                pending, size = [], 0
+    except SourceError as exc:
+        # The rows read before the break still go on (and into the report); then the error.
+        if pending:
             yield pl.concat(pending, how="diagonal_relaxed")
-            pending, size = [], 0
+        raise exc
     if pending:
         yield pl.concat(pending, how="diagonal_relaxed")
 

@@ -59,15 +59,13 @@ class Cache:
             self.con.unregister("_keys")
 
     def record_confirmed(self, target_id: int, rows: pa.Table) -> None:
-        """Add confirmed rows (CONFIRMED_COLUMNS) to the cache, in one transaction."""
+        """Add confirmed rows (CONFIRMED_COLUMNS) to the cache, in the caller's transaction."""
         self.con.register("_confirmed", rows)
         try:
-            self.con.execute("begin")
             self.con.execute(
                 "insert into loaded_ids select key_hi, key_lo, ?, bulk_request_id, record_id from _confirmed",
                 [target_id],
             )
-            self.con.execute("commit")
         finally:
             self.con.unregister("_confirmed")
 

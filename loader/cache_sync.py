@@ -68,7 +68,10 @@ def sync_cache(pipeline: Any) -> dict:
         assert isinstance(known, pl.DataFrame)
         new = confirmed.join(known.select(KEY), on=KEY, how="anti").unique(KEY, keep="first", maintain_order=True)
         if new.height:
-            cache.record_confirmed(cache.target_id(target.target_key), new.select(CONFIRMED_COLUMNS).to_arrow())
+            target_id = cache.target_id(target.target_key)
+            state.execute("begin")
+            cache.record_confirmed(target_id, new.select(CONFIRMED_COLUMNS).to_arrow())
+            state.execute("commit")
     finally:
         state.close()
     return {"added": new.height, "seen": held.height}

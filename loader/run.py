@@ -26,6 +26,7 @@ from .chunk import Chunk, plan_chunks
 from .dedupe import KEY, SourceDeduper
 from .errors import LoaderError, SourceError, TargetError
 from .history import History
+from .journal import Journal
 from .mapping import check_columns, map_batch
 from .report import Report, ReportWriter
 from .source import SOURCE_FILE, SOURCE_ROW, Source, SourceSpec, frame_batches, row_counts
@@ -98,7 +99,7 @@ class Run:
     def execute(self, batches: Iterator[pl.DataFrame], source_summary: Callable[[], dict]) -> RunResult:
         s = self.settings
         state = open_state(s.cache_path)
-        cache, history = Cache(state), History(state)
+        cache, history, journal = Cache(state), History(state), Journal(state)
         self.cache_target_id = cache.target_id(self.target.target_key)
         history.start(run_id=self.run_id, pipeline=s.name, pipeline_path=s.pipeline_path,
                       target_key=self.target.target_key, target=self.target.describe(), dry_run=self.dry_run,
@@ -118,6 +119,7 @@ class Run:
             if not self.dry_run:
                 try:
                     self.target.prepare()
+                    error = self._recover(journal, cache, state)
                 except TargetError as exc:
                     error = exc  # every row is still read and reported, as unprocessed
             for batch in _until_unreadable(batches, on_error=lambda exc: errors.append(exc)):
@@ -129,18 +131,21 @@ class Run:
                     continue
                 planned = self._plan(mapped, cache, deduper)
                 if in_flight is not None:
-                    error = self._settle(*in_flight, cache, writer)
+                    error = self._settle(*in_flight, cache, journal, writer)
                     if error is not None:
                         self._report(writer, planned.abandon(error))
                         in_flight = None
                         continue
                 future = None
                 if planned.chunks and not self.dry_run:
+                    # Intent first: a chunk is in the journal before it can reach the target.
+                    journal.record_sending(target_key=self.target.target_key, run_id=self.run_id,
+                                           on_conflict=s.on_conflict, chunks=planned.chunks, rows=planned.to_send)
                     self._log_sending(planned.chunks)
                     future = sender.submit(self.target.send, planned.chunks, on_conflict=s.on_conflict)
                 in_flight = (planned, future)
             if in_flight is not None:
-                error = self._settle(*in_flight, cache, writer) or error
+                error = self._settle(*in_flight, cache, journal, writer) or error
             if errors and error is None:
                 error = errors[0]
         finally:
@@ -193,7 +198,7 @@ class Run:
             known.append(_dry_run_outcomes(to_send))
         return Planned(known=known, to_send=to_send, chunks=chunks)
 
-    def _settle(self, planned: "Planned", future: "Future[SendResult] | None", cache: Cache,
+    def _settle(self, planned: "Planned", future: "Future[SendResult] | None", cache: Cache, journal: Journal,
                 writer: ReportWriter) -> LoaderError | None:
         """Wait for a batch's send; record what the target confirmed, then report the batch."""
         if future is None:
@@ -207,8 +212,50 @@ class Run:
         self._log_requests(planned.chunks, result)
         sent = _sent_outcomes(planned.to_send, result, on_conflict=self.settings.on_conflict)
         confirmed = sent.filter(pl.col("reason_code").is_in(["created", "exists_in_target"]))
-        cache.record_confirmed(self.cache_target_id, confirmed.select(CONFIRMED_COLUMNS).to_arrow())
+        self._record_answers(cache, journal, confirmed, [chunk.idempotency_key for chunk in planned.chunks])
         self._report(writer, planned.rows(sent))
+        return None
+
+    def _record_answers(self, cache: Cache, journal: Journal, confirmed: pl.DataFrame, keys: list[str]) -> None:
+        """The cache learns what the target confirmed, and the chunks leave the journal: one transaction."""
+        cache.con.execute("begin")
+        cache.record_confirmed(self.cache_target_id, confirmed.select(CONFIRMED_COLUMNS).to_arrow())
+        journal.confirm(keys)
+        cache.con.execute("commit")
+
+    def _recover(self, journal: Journal, cache: Cache, state: Any) -> LoaderError | None:
+        """Send again, unchanged and under their keys, the chunks an earlier run sent but never heard of."""
+        unanswered, rows = journal.unanswered(self.target.target_key)
+        if unanswered.height == 0:
+            return None
+        by_key = {key[0]: frame for key, frame in rows.partition_by("idempotency_key", as_dict=True).items()}
+        for (on_conflict,), group in unanswered.group_by("on_conflict", maintain_order=True):
+            chunks = []
+            for key in group["idempotency_key"].to_list():
+                frame = by_key.get(key)
+                if frame is None or frame.height == 0:
+                    continue
+                chunks.append(Chunk(number=self.chunks_planned, idempotency_key=key,
+                                    rows=frame.sort("index").with_columns(pl.lit(self.chunks_planned).alias("chunk"))))
+                self.chunks_planned += 1
+            if not chunks:
+                journal.confirm(group["idempotency_key"].to_list())
+                continue
+            try:
+                result = self.target.send(chunks, on_conflict=on_conflict)
+            except TargetError as exc:
+                return exc
+            sent = pl.concat([chunk.rows for chunk in chunks]).with_columns(pl.col("index").cast(pl.Int64))
+            answered = sent.join(result.items, on=["chunk", "index"], how="inner").join(
+                result.requests.select("chunk", "bulk_request_id"), on="chunk")
+            confirmed = answered.filter(pl.col("status").is_in(["successful", "skipped"]))
+            self._record_answers(cache, journal, confirmed, group["idempotency_key"].to_list())
+            self.bulk_request_ids.update(result.requests["bulk_request_id"].to_list())
+            for request in result.requests.iter_rows(named=True):
+                log.info("chunk recovered", extra={
+                    "event": "chunk_recovered", "run_id": self.run_id, "pipeline": self.settings.name,
+                    "chunk": request["chunk"], "bulk_request_id": request["bulk_request_id"],
+                    "status": request["status"]})
         return None
 
     def _report(self, writer: ReportWriter, rows: pl.DataFrame) -> None:

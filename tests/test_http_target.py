@@ -400,7 +400,8 @@ def test_an_answer_never_heard_is_found_by_the_next_run(tmp_path):
         result = run_pipeline(path, vars={"ENDCLOSE_API_KEY": KEY})
     assert result.exit_code == 0
     assert sum(reasons(result.report).values()) == 12
-    assert set(reasons(result.report)) <= {("successful", "created"), ("skipped", "exists_in_target")}
+    # the journal sent the unanswered chunk again first, so the source pass finds it already loaded
+    assert set(reasons(result.report)) <= {("successful", "created"), ("skipped", "already_loaded")}
     assert held_records(server.database).height == 12  # nothing doubled
     assert bulk_request_count(server.database) == 4
 

@@ -119,7 +119,7 @@ class Run:
             if not self.dry_run:
                 try:
                     self.target.prepare()
-                    error = self._recover(journal, cache, state)
+                    error = self._recover(journal, cache)
                 except TargetError as exc:
                     error = exc  # every row is still read and reported, as unprocessed
             for batch in _until_unreadable(batches, on_error=lambda exc: errors.append(exc)):
@@ -223,7 +223,7 @@ class Run:
         journal.confirm(keys)
         cache.con.execute("commit")
 
-    def _recover(self, journal: Journal, cache: Cache, state: Any) -> LoaderError | None:
+    def _recover(self, journal: Journal, cache: Cache) -> LoaderError | None:
         """Send again, unchanged and under their keys, the chunks an earlier run sent but never heard of."""
         unanswered, rows = journal.unanswered(self.target.target_key)
         if unanswered.height == 0:

@@ -62,8 +62,6 @@ class SourceSpec:
         csv_options = CsvOptions(
             **{k: getattr(csv, k) for k in CsvOptions.__dataclass_fields__ if csv is not None and hasattr(csv, k)}
         )
-        if getattr(src, "format", None) == "csv" and csv is None and str(getattr(src, "path", "")).endswith(".tsv"):
-            csv_options.separator = "\t"
         transform = getattr(pipeline, "transform", None)
         return cls(
             files=list(getattr(src, "files", None) or []),

@@ -15,6 +15,19 @@ def reasons(report) -> dict[tuple[str, str], int]:
     return {(r["outcome"], r["reason_code"]): r["rows"] for r in report.summary["reasons"]}
 
 
+def run_with_faults(path, tmp_path, **faults):
+    """The pipeline at `path`, run against a local target with fault injection (LocalTarget's options)."""
+    from loader.config import load_pipeline
+    from loader.run import Run, settings_from_pipeline
+    from loader.source import Source, SourceSpec
+    from loader.targets.local import LocalTarget
+
+    pipeline = load_pipeline(path)
+    target = LocalTarget(tmp_path / ".loader/endclose.duckdb", "default", [{"key": "ops", "name": "Ops"}], **faults)
+    with Source(SourceSpec.from_pipeline(pipeline)) as source:
+        return Run(settings_from_pipeline(pipeline), target).execute(source.batches(), lambda: {"files": []})
+
+
 def records(database) -> pl.DataFrame:
     with duckdb.connect(str(database), read_only=True) as con:
         return con.sql(
@@ -125,18 +138,8 @@ def test_transform_sql_filters_and_keeps_lineage(make_pipeline):
 
 
 def test_a_job_that_fails_midway_leaves_unprocessed_rows_for_the_next_run(make_pipeline, tmp_path):
-    from loader.config import load_pipeline
-    from loader.run import Run, settings_from_pipeline
-    from loader.source import Source, SourceSpec
-    from loader.targets.local import LocalTarget
-
     path = make_pipeline({"jan.csv": ROWS[:4]}, target__chunk_size=4)
-    pipeline = load_pipeline(path)
-    target = LocalTarget(tmp_path / ".loader/endclose.duckdb", "default", [{"key": "ops", "name": "Ops"}],
-                         fail_jobs_after=2)
-    with Source(SourceSpec.from_pipeline(pipeline)) as source:
-        run = Run(settings_from_pipeline(pipeline), target)
-        first = run.execute(source.batches(), lambda: {"files": []}).report
+    first = run_with_faults(path, tmp_path, fail_jobs_after=2).report
     assert reasons(first) == {("successful", "created"): 2, ("failed", "unprocessed"): 2}
     unprocessed = first.failed()
     assert unprocessed["reason"].str.contains("ended failed").all()
@@ -166,17 +169,8 @@ def test_money_lands_exactly_in_the_engine(make_pipeline, tmp_path):
 
 def test_an_answer_lost_after_commit_is_recovered_without_loading_twice(make_pipeline, tmp_path):
     """The engine committed, the run never heard: the rerun finds the same requests by their keys."""
-    from loader.config import load_pipeline
-    from loader.run import Run, settings_from_pipeline
-    from loader.source import Source, SourceSpec
-    from loader.targets.local import LocalTarget
-
     path = make_pipeline({"jan.csv": ROWS})
-    pipeline = load_pipeline(path)
-    target = LocalTarget(tmp_path / ".loader/endclose.duckdb", "default", [{"key": "ops", "name": "Ops"}],
-                         lose_answers=True)
-    with Source(SourceSpec.from_pipeline(pipeline)) as source:
-        aborted = Run(settings_from_pipeline(pipeline), target).execute(source.batches(), lambda: {"files": []})
+    aborted = run_with_faults(path, tmp_path, lose_answers=True)
     assert aborted.exit_code == 3
     assert reasons(aborted.report)[("failed", "unprocessed")] == 6
     assert aborted.report.summary["error"].startswith("the local engine's answer was lost")
@@ -190,18 +184,8 @@ def test_an_answer_lost_after_commit_is_recovered_without_loading_twice(make_pip
 
 def test_unanswered_chunks_are_recovered_even_when_the_source_changed(make_pipeline, tmp_path):
     """The journal keeps what was sent; a changed source cuts other chunks, and still nothing doubles."""
-    from loader.config import load_pipeline
-    from loader.run import Run, settings_from_pipeline
-    from loader.source import Source, SourceSpec
-    from loader.targets.local import LocalTarget
-
     path = make_pipeline({"jan.csv": ROWS})
-    pipeline = load_pipeline(path)
-    target = LocalTarget(tmp_path / ".loader/endclose.duckdb", "default", [{"key": "ops", "name": "Ops"}],
-                         lose_answers=True)
-    with Source(SourceSpec.from_pipeline(pipeline)) as source:
-        assert Run(settings_from_pipeline(pipeline), target).execute(
-            source.batches(), lambda: {"files": []}).exit_code == 3
+    assert run_with_faults(path, tmp_path, lose_answers=True).exit_code == 3
     # New rows at the top: every later row moves, chunks are cut differently, keys differ.
     changed = make_pipeline({"jan.csv": [["2024-01-01", "N1", "new", "5.00", "USD", "DR"],
                                          ["2024-01-01", "N2", "new", "6.00", "USD", "DR"], *ROWS]})

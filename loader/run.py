@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,10 +25,18 @@ from .chunk import Chunk, plan_chunks
 from .dedupe import KEY, SourceDeduper
 from .errors import LoaderError, SourceError, TargetError
 from .history import History
-from .journal import Journal
+from .journal import Journal, journal_folder
 from .mapping import check_columns, map_batch
 from .report import Report, ReportWriter
-from .source import SOURCE_FILE, SOURCE_ROW, Source, SourceSpec, frame_batches, row_counts
+from .source import (
+    SOURCE_FILE,
+    SOURCE_ROW,
+    Source,
+    SourceSpec,
+    frame_batches,
+    row_counts,
+)
+from .stage import BackgroundStage
 from .statedb import open_state
 from .targets.base import SendResult, Target
 from .validate import Rules, split_valid
@@ -94,12 +101,14 @@ class Run:
         self.cache_target_id = 0
         self.rows_read = 0
         self.counts = {"successful": 0, "failed": 0, "skipped": 0}
+        self.abort: LoaderError | None = None  # why the run stopped sending, once it has
 
     # -- the whole run ------------------------------------------------------
     def execute(self, batches: Iterator[pl.DataFrame], source_summary: Callable[[], dict]) -> RunResult:
         s = self.settings
         state = open_state(s.cache_path)
-        cache, history, journal = Cache(state), History(state), Journal(state)
+        folder = journal_folder(s.cache_path)
+        cache, history, journal = Cache(state), History(state), Journal(state, folder)
         self.cache_target_id = cache.target_id(self.target.target_key)
         history.start(run_id=self.run_id, pipeline=s.name, pipeline_path=s.pipeline_path,
                       target_key=self.target.target_key, target=self.target.describe(), dry_run=self.dry_run,
@@ -109,49 +118,41 @@ class Run:
                               **s.extra)
         deduper = SourceDeduper(self.target.target_key, scratch_dir=s.cache_path.parent)
         log.info("run started", extra={"event": "run_start", "run_id": self.run_id, "pipeline": s.name})
-        error: LoaderError | None = None
         errors: list[SourceError] = []  # a source that breaks partway: rows read so far are reported
-        # While the target applies batch k, batch k+1 is read, mapped, validated and deduped:
-        # one send in flight at a time, so results are settled (cache, report) in source order.
-        sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-send")
-        in_flight: tuple[Planned, Future[SendResult] | None] | None = None
+        stage: BackgroundStage | None = None
         try:
             if not self.dry_run:
                 try:
                     self.target.prepare()
-                    error = self._recover(journal, cache)
+                    self.abort = self._recover(journal, cache)
+                    journal.sweep()  # row files of chunks never recorded as sent (a crash between the two)
                 except TargetError as exc:
-                    error = exc  # every row is still read and reported, as unprocessed
+                    self.abort = exc  # every row is still read and reported, as unprocessed
+            # The stage sends batch k and records its answer (own cursor: one connection per thread)
+            # while this thread plans batch k+1.
+            answers = state.cursor()
+            sending = Sending(Cache(answers), Journal(answers, folder), writer)
+            stage = BackgroundStage(lambda item: self._send_and_settle(item, sending), name="loader-send")
             for batch in _until_unreadable(batches, on_error=lambda exc: errors.append(exc)):
+                stage.reserve()
                 mapped = map_batch(batch, s.mapping).with_row_index("_pos")
-                writer.add_source_totals(_source_totals(mapped))
                 self.rows_read += batch.height
-                if error is not None:
-                    self._report(writer, _unprocessed(mapped, f"not sent: the run was aborted ({error})"))
-                    continue
-                planned = self._plan(mapped, cache, deduper)
-                if in_flight is not None:
-                    error = self._settle(*in_flight, cache, journal, writer)
-                    if error is not None:
-                        self._report(writer, planned.abandon(error))
-                        in_flight = None
-                        continue
-                future = None
-                if planned.chunks and not self.dry_run:
-                    # Intent first: a chunk is in the journal before it can reach the target.
-                    journal.record_sending(target_key=self.target.target_key, run_id=self.run_id,
-                                           on_conflict=s.on_conflict, chunks=planned.chunks, rows=planned.to_send)
-                    self._log_sending(planned.chunks)
-                    future = sender.submit(self.target.send, planned.chunks, on_conflict=s.on_conflict)
-                in_flight = (planned, future)
-            if in_flight is not None:
-                error = self._settle(*in_flight, cache, journal, writer) or error
-            if errors and error is None:
-                error = errors[0]
+                if self.abort is not None:
+                    stage.submit(Planned.unprocessed(mapped, self.abort))
+                else:
+                    stage.submit(self._plan(mapped, cache, deduper))
+                self._progress()
         finally:
-            sender.shutdown(wait=True)
-            deduper.close()
-            self.target.close()
+            try:
+                if stage is not None:
+                    stage.close()
+            finally:
+                deduper.close()
+                self.target.close()
+        error = self.abort
+        if errors and error is None:
+            error = errors[0]
+        self._progress()
         finished_at = datetime.now(UTC)
         report = writer.finish(finished_at=finished_at, source=source_summary(),
                                bulk_requests=sorted(self.bulk_request_ids),
@@ -169,8 +170,35 @@ class Run:
                                         **report.totals, "exit_code": exit_code})
         return RunResult(report=report, exit_code=exit_code, error=error)
 
+    def _send_and_settle(self, planned: Planned, sending: Sending) -> None:
+        """The background stage, for one batch: journal, send, record the answer, report."""
+        s = self.settings
+        sending.writer.add_source_totals(planned.source_totals)
+        if self.abort is not None and planned.chunks:
+            self._report(sending.writer, planned.abandon(self.abort))
+            return
+        if not planned.chunks or self.dry_run:
+            self._report(sending.writer, planned.rows())
+            return
+        # Intent first: a chunk is in the journal before it can reach the target.
+        sending.journal.record_sending(target_key=self.target.target_key, run_id=self.run_id,
+                                       on_conflict=s.on_conflict, chunks=planned.chunks, rows=planned.to_send)
+        self._log_sending(planned.chunks)
+        try:
+            result = self.target.send(planned.chunks, on_conflict=s.on_conflict)
+        except TargetError as exc:
+            self.abort = exc
+            self._report(sending.writer, planned.abandon(exc))
+            return
+        self._log_requests(planned.chunks, result)
+        sent = _sent_outcomes(planned.to_send, result, on_conflict=s.on_conflict)
+        confirmed = sent.filter(pl.col("reason_code").is_in(["created", "exists_in_target"]))
+        self._record_answers(sending.cache, sending.journal, confirmed,
+                             [chunk.idempotency_key for chunk in planned.chunks])
+        self._report(sending.writer, planned.rows(sent))
+
     # -- one batch ------------------------------------------------------------
-    def _plan(self, mapped: pl.DataFrame, cache: Cache, deduper: SourceDeduper) -> "Planned":
+    def _plan(self, mapped: pl.DataFrame, cache: Cache, deduper: SourceDeduper) -> Planned:
         """Everything about a batch that needs no target: outcomes known now, and the chunks to send."""
         s = self.settings
         valid, invalid = split_valid(mapped, s.rules)
@@ -196,25 +224,7 @@ class Run:
             self.payloads.write(chunks, on_conflict=s.on_conflict)
         if self.dry_run:
             known.append(_dry_run_outcomes(to_send))
-        return Planned(known=known, to_send=to_send, chunks=chunks)
-
-    def _settle(self, planned: "Planned", future: "Future[SendResult] | None", cache: Cache, journal: Journal,
-                writer: ReportWriter) -> LoaderError | None:
-        """Wait for a batch's send; record what the target confirmed, then report the batch."""
-        if future is None:
-            self._report(writer, planned.rows())
-            return None
-        try:
-            result = future.result()
-        except TargetError as exc:
-            self._report(writer, planned.abandon(exc))
-            return exc
-        self._log_requests(planned.chunks, result)
-        sent = _sent_outcomes(planned.to_send, result, on_conflict=self.settings.on_conflict)
-        confirmed = sent.filter(pl.col("reason_code").is_in(["created", "exists_in_target"]))
-        self._record_answers(cache, journal, confirmed, [chunk.idempotency_key for chunk in planned.chunks])
-        self._report(writer, planned.rows(sent))
-        return None
+        return Planned(known=known, to_send=to_send, chunks=chunks, source_totals=_source_totals(mapped))
 
     def _record_answers(self, cache: Cache, journal: Journal, confirmed: pl.DataFrame, keys: list[str]) -> None:
         """The cache learns what the target confirmed, and the chunks leave the journal: one transaction."""
@@ -222,6 +232,7 @@ class Run:
         cache.record_confirmed(self.cache_target_id, confirmed.select(CONFIRMED_COLUMNS).to_arrow())
         journal.confirm(keys)
         cache.con.execute("commit")
+        journal.sweep()
 
     def _recover(self, journal: Journal, cache: Cache) -> LoaderError | None:
         """Send again, unchanged and under their keys, the chunks an earlier run sent but never heard of."""
@@ -262,6 +273,9 @@ class Run:
         writer.add_rows(rows)
         for outcome, n in rows.group_by("outcome").len().iter_rows():
             self.counts[outcome] += n
+
+    def _progress(self) -> None:
+        # Called on the run's own thread, so a notebook's display is updated where it was made.
         if self.on_progress is not None:
             self.on_progress({"run_id": self.run_id, "rows": self.rows_read, **self.counts})
 
@@ -285,12 +299,29 @@ class Run:
 
 
 @dataclass
+class Sending:
+    """What the background stage writes to: its own cursor on the state file, and the report."""
+
+    cache: Cache
+    journal: Journal
+    writer: ReportWriter
+
+
+@dataclass
 class Planned:
     """A batch between planning and settling."""
 
     known: list[pl.DataFrame]  # outcomes decided without the target
     to_send: pl.DataFrame  # rows for the target, with `chunk` and `index`
     chunks: list[Chunk]
+    source_totals: pl.DataFrame  # rows and amount per stream and currency, as read
+
+    @classmethod
+    def unprocessed(cls, mapped: pl.DataFrame, error: LoaderError) -> Planned:
+        """A batch read after the run stopped sending: every row `unprocessed`."""
+        reason = f"not sent: the run was aborted ({error})"
+        rows = _outcome(mapped.with_columns(pl.lit(reason).alias("reason")), "failed", "unprocessed")
+        return cls(known=[rows], to_send=mapped.head(0), chunks=[], source_totals=_source_totals(mapped))
 
     def rows(self, sent: pl.DataFrame | None = None) -> pl.DataFrame:
         parts = self.known if sent is None else [*self.known, sent]
@@ -338,10 +369,6 @@ def _outcome(rows: pl.DataFrame, outcome: str, reason_code: str) -> pl.DataFrame
     return rows.with_columns(
         *extra, pl.lit(outcome).alias("outcome"), pl.lit(reason_code).alias("reason_code")
     )
-
-
-def _unprocessed(mapped: pl.DataFrame, reason: str) -> pl.DataFrame:
-    return _outcome(mapped.with_columns(pl.lit(reason).alias("reason")), "failed", "unprocessed").select(_ROW_SELECT)
 
 
 def _dry_run_outcomes(to_send: pl.DataFrame) -> pl.DataFrame:

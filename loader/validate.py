@@ -113,10 +113,11 @@ def split_valid(mapped: pl.DataFrame, rules: Rules = Rules()) -> tuple[pl.DataFr
         .group_by("row", maintain_order=True)
         .agg((pl.col("field") + pl.lit(": ") + pl.col("message")).str.join("; ").alias("reason"))
     )
-    indexed = mapped.with_row_index("row")
-    invalid = indexed.join(merged, on="row", how="inner").sort("row").drop("row")
-    valid = indexed.join(merged, on="row", how="anti").sort("row").drop("row")
-    return _drop_errors(valid), _drop_errors(invalid)
+    # A mask keeps both sides in input order without joining or sorting the wide frame.
+    failing = pl.int_range(pl.len(), dtype=pl.UInt32).is_in(merged.get_column("row").implode())
+    mask = mapped.select(failing).to_series()
+    invalid = mapped.filter(mask).with_columns(merged.get_column("reason"))
+    return _drop_errors(mapped.filter(~mask)), _drop_errors(invalid)
 
 
 _FIELD_ORDER = {name: i for i, name in enumerate(RECORD_FIELDS)}
@@ -149,9 +150,11 @@ def _conversion_failures(mapped: pl.DataFrame) -> pl.DataFrame:
     error_columns = [c for c in mapped.columns if c.startswith("error_")]
     if not error_columns:
         return pl.DataFrame(schema={"row": pl.UInt32, "field": pl.String, "message": pl.String})
+    # Few rows fail to convert: keep those before unpivoting, not every row times every field.
     return (
         mapped.select(error_columns)
         .with_row_index("row")
+        .filter(pl.any_horizontal(pl.col(error_columns).is_not_null()))
         .unpivot(index="row", on=error_columns, variable_name="field", value_name="message")
         .drop_nulls("message")
         .with_columns(pl.col("field").str.strip_prefix("error_"))

@@ -197,6 +197,36 @@ def test_unanswered_chunks_are_recovered_even_when_the_source_changed(make_pipel
     assert held.filter(pl.col("external_id").is_null()).height == 2  # the two identical id-less rows, once each
 
 
+def test_the_journal_keeps_row_files_only_while_chunks_are_unanswered(make_pipeline, tmp_path):
+    path = make_pipeline({"jan.csv": ROWS})
+    folder = tmp_path / ".loader/cache.duckdb.journal"
+    assert run_with_faults(path, tmp_path, lose_answers=True).exit_code == 3
+    assert [p.suffix for p in folder.iterdir()] == [".arrow"]  # the unanswered batch's rows
+    orphan = folder / "20000101T000000.000Z-000000-000000000.arrow"  # a crash before its chunks were recorded
+    orphan.write_bytes(b"never recorded as sent")
+    assert run_pipeline(path).exit_code == 0
+    assert list(folder.iterdir()) == []
+    assert records(tmp_path / ".loader/endclose.duckdb").height == 6
+
+
+def test_a_journal_kept_in_a_table_by_an_older_version_is_still_recovered(make_pipeline, tmp_path):
+    """State files of loader 0.1 held unsent rows in `journal_rows`; they are resent, then the table goes."""
+    path = make_pipeline({"jan.csv": ROWS})
+    assert run_with_faults(path, tmp_path, lose_answers=True).exit_code == 3
+    folder = tmp_path / ".loader/cache.duckdb.journal"
+    (saved,) = folder.iterdir()
+    with duckdb.connect(str(tmp_path / ".loader/cache.duckdb")) as con:
+        rows = pl.read_ipc(saved)  # noqa: F841 - read by the SQL below
+        con.execute("create table journal_rows as select * from rows")
+        con.execute("update journal_chunks set rows_file = null")
+    saved.unlink()
+    rerun = run_pipeline(path).report
+    assert reasons(rerun)[("skipped", "already_loaded")] == 6
+    assert records(tmp_path / ".loader/endclose.duckdb").height == 6
+    with duckdb.connect(str(tmp_path / ".loader/cache.duckdb"), read_only=True) as con:
+        assert con.sql("select count(*) from duckdb_tables() where table_name = 'journal_rows'").fetchall() == [(0,)]
+
+
 def test_a_source_that_breaks_partway_still_reports_what_was_read(make_pipeline, tmp_path):
     """A glob whose second file is unreadable: the first file's rows are loaded and reported, the run says why."""
     rows = [[f"2024-01-{i % 28 + 1:02d}", f"B{i}", "x", "1.00", "USD", "DR"] for i in range(30)]

@@ -1,0 +1,57 @@
+"""One background stage of a run: items handled in order, on one thread, a bounded number ahead.
+
+The run plans batch k+1 (read, map, validate, dedupe) on the calling thread
+while this stage sends batch k and records its answer (journal, target,
+cache, report). Polars and DuckDB release the GIL, so the two share the cores.
+At most `depth` items are planned but not yet handled, which bounds memory
+to that many batches whatever the source's length.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_DONE = object()
+
+
+class BackgroundStage:
+    """Runs `handle(item)` for each submitted item, in submission order, on a thread of its own."""
+
+    def __init__(self, handle: Callable[[Any], None], *, depth: int = 2, name: str = "loader-stage"):
+        self._handle = handle
+        self._slots = threading.Semaphore(depth)
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self.failure: BaseException | None = None  # a bug in `handle`: re-raised by `close`
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def reserve(self) -> None:
+        """Wait until another item may be planned (call before planning it)."""
+        self._slots.acquire()
+
+    def submit(self, item: Any) -> None:
+        """Hand over an item planned under a `reserve`."""
+        self._items.put(item)
+
+    def close(self) -> None:
+        """Wait for every submitted item to be handled; re-raise what broke the stage, if anything."""
+        self._items.put(_DONE)
+        self._thread.join()
+        if self.failure is not None:
+            raise self.failure
+
+    def _work(self) -> None:
+        while True:
+            item = self._items.get()
+            if item is _DONE:
+                return
+            try:
+                if self.failure is None:  # after a failure, items are only drained
+                    self._handle(item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by close()
+                self.failure = exc
+            finally:
+                self._slots.release()

@@ -11,6 +11,7 @@ Only what the target confirmed is recorded (`created` or `exists_in_target`).
 from __future__ import annotations
 
 import duckdb
+import polars as pl
 import pyarrow as pa
 
 SCHEMA = """
@@ -44,19 +45,29 @@ class Cache:
         # fetchall, not fetchone: a half-read result would block the next register() on this connection.
         return self.con.execute("select id from cache_targets where target_key = ?", [target_key]).fetchall()[0][0]
 
-    def find_loaded(self, keys: pa.Table) -> pa.Table:
-        """Of `keys` (`key_hi`, `key_lo`), those already loaded, with a bulk request that holds each."""
-        self.con.register("_keys", keys)
+    def find_loaded(self, keys: pl.DataFrame) -> pl.DataFrame:
+        """Of the rows of `keys` (`key_hi`, `key_lo`), those already loaded: their positions in `keys`
+        (`pos`, ascending) and a bulk request that holds each (`bulk_request_id`).
+
+        Positions, not keys, so the caller splits its rows with a mask instead of joining them.
+        """
+        self.con.register("_keys", keys.select("key_hi", "key_lo").with_row_index("pos").to_arrow())
         try:
             return self.con.sql(
                 """
-                select c.key_hi, c.key_lo, any_value(c.bulk_request_id) as bulk_request_id
-                from loaded_ids c semi join _keys k using (key_hi, key_lo)
-                group by c.key_hi, c.key_lo
+                select k.pos, any_value(c.bulk_request_id) as bulk_request_id
+                from _keys k join loaded_ids c using (key_hi, key_lo)
+                group by k.pos order by k.pos
                 """
-            ).to_arrow_table()
+            ).pl()
         finally:
             self.con.unregister("_keys")
+
+    def loaded_mask(self, keys: pl.DataFrame) -> tuple[pl.Series, pl.DataFrame]:
+        """(whether each row of `keys` is already loaded, `find_loaded(keys)`)."""
+        found = self.find_loaded(keys)
+        mask = pl.repeat(False, keys.height, dtype=pl.Boolean, eager=True).scatter(found.get_column("pos"), True)
+        return mask, found
 
     def record_confirmed(self, target_id: int, rows: pa.Table) -> None:
         """Add confirmed rows (CONFIRMED_COLUMNS) to the cache, in the caller's transaction."""

@@ -64,9 +64,8 @@ def sync_cache(pipeline: Any) -> dict:
     state = open_state(Path(pipeline.dedupe.cache))
     try:
         cache = Cache(state)
-        known = pl.from_arrow(cache.find_loaded(confirmed.select(KEY).to_arrow()))
-        assert isinstance(known, pl.DataFrame)
-        new = confirmed.join(known.select(KEY), on=KEY, how="anti").unique(KEY, keep="first", maintain_order=True)
+        is_known, _ = cache.loaded_mask(confirmed)
+        new = confirmed.filter(~is_known).unique(KEY, keep="first", maintain_order=True)
         if new.height:
             target_id = cache.target_id(target.target_key)
             state.execute("begin")

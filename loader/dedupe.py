@@ -10,13 +10,14 @@ Keys are 128-bit md5 hashes (hashing.py), kept as two unsigned 64-bit halves
 (`key_hi`, `key_lo`), and hash in the target environment's key, so the cache of
 one environment never answers for another.
 
-Duplicates across batches are found through a scratch DuckDB file that lives
-for one run, so memory stays bounded however long the source is.
+Duplicates across batches are found through a scratch DuckDB database that
+lives for one run, in memory up to 512 MB and spilled to a temporary folder
+beyond, so memory stays bounded however long the source is.
 """
 
 from __future__ import annotations
 
-import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +77,10 @@ class SourceDeduper:
         self.target_tag = short_tag(target_key)  # keeps the hashed texts short
         self._files: list[str] = []
         self._file_numbers: dict[str, int] = {}
-        fd, self._path = tempfile.mkstemp(suffix=".duckdb", prefix="loader-run-", dir=scratch_dir)
-        os.close(fd)
-        os.unlink(self._path)  # DuckDB wants to create the file itself
-        self.con = duckdb.connect(self._path, config={"memory_limit": "512MB"})
+        # In memory (an insert costs a third of one into a file), spilling past 512 MB to a
+        # folder of its own, so a source of any length keeps memory bounded.
+        self._spill = tempfile.mkdtemp(prefix="loader-run-", dir=scratch_dir)
+        self.con = duckdb.connect(":memory:", config={"memory_limit": "512MB", "temp_directory": self._spill})
         self.con.execute(
             "create table seen_ids (key_hi ubigint, key_lo ubigint, file_number integer, source_row bigint);"
             "create table content_counts (content_hi ubigint, content_lo ubigint, n bigint);"
@@ -196,8 +197,4 @@ class SourceDeduper:
 
     def close(self) -> None:
         self.con.close()
-        for suffix in ("", ".wal"):
-            try:
-                os.unlink(self._path + suffix)
-            except FileNotFoundError:
-                pass
+        shutil.rmtree(self._spill, ignore_errors=True)

@@ -31,7 +31,7 @@ def run_with_faults(path, tmp_path, **faults):
 def records(database) -> pl.DataFrame:
     with duckdb.connect(str(database), read_only=True) as con:
         return con.sql(
-            "select data_stream_key, external_id, date, amount, currency, direction, description "
+            "select data_stream_key, external_id, date, amount, currency, direction, description, bulk_request_id "
             "from records order by id").pl()
 
 
@@ -52,12 +52,20 @@ def test_first_run_loads_valid_rows_and_accounts_for_every_row(make_pipeline, tm
 
 
 def test_rerun_creates_nothing_new(make_pipeline, tmp_path):
-    path = make_pipeline({"jan.csv": ROWS})
+    path = make_pipeline({"jan.csv": ROWS}, target__chunk_size=2)  # three bulk requests
     run_pipeline(path)
     second = run_pipeline(path).report
     assert reasons(second)[("skipped", "already_loaded")] == 6
     assert second.totals["successful"] == 0
-    assert records(tmp_path / ".loader/endclose.duckdb").height == 6
+    held = records(tmp_path / ".loader/endclose.duckdb")
+    assert held.height == 6
+    assert not list((tmp_path / ".loader").glob("loader-run-*"))  # the runs' scratch space is gone
+    # Each skipped row names the bulk request that holds its record.
+    skipped = second.rows().filter(pl.col("reason_code") == "already_loaded")
+    by_id = dict(zip(held["external_id"].to_list(), held["bulk_request_id"].to_list(), strict=True))
+    for external_id, reason in skipped.select("external_id", "reason").iter_rows():
+        if external_id is not None:
+            assert reason == f"loaded before in bulk request {by_id[external_id]}"
 
 
 def test_rerun_without_cache_finds_rows_in_the_target(make_pipeline, tmp_path):

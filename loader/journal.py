@@ -89,21 +89,36 @@ class Journal:
         finally:
             self.con.unregister("_journal_chunks")
 
-    def confirm(self, idempotency_keys: Sequence[str]) -> None:
+    def confirm(self, idempotency_keys: Sequence[str]) -> list[str]:
         """Drop answered chunks; call inside the transaction that records their rows in the cache,
-        and `sweep` once it is committed."""
+        then pass what it returns (their row files) to `forget` once that is committed."""
         if not idempotency_keys:
-            return
+            return []
         keys = pl.DataFrame({"idempotency_key": list(idempotency_keys)}).to_arrow()
         self.con.register("_answered", keys)
         try:
+            files = [row[0] for row in self.con.execute(
+                "select distinct rows_file from journal_chunks where rows_file is not null "
+                "and idempotency_key in (select idempotency_key from _answered)").fetchall()]
             self.con.execute("delete from journal_chunks where idempotency_key in "
                              "(select idempotency_key from _answered)")
         finally:
             self.con.unregister("_answered")
+        return files
+
+    def forget(self, files: Sequence[str]) -> None:
+        """Delete those of these row files that no chunk of the journal names any more."""
+        if not files:
+            return
+        named = {row[0] for row in self.con.execute(
+            "select distinct rows_file from journal_chunks where list_contains(?::varchar[], rows_file)",
+            [list(files)]).fetchall()}
+        for name in set(files) - named:
+            (self.folder / name).unlink(missing_ok=True)
 
     def sweep(self) -> None:
-        """Delete the row files that no chunk of the journal names."""
+        """Delete every file of the folder that no chunk of the journal names: leftovers of a crash
+        between writing a file and recording its chunks. Only while nothing else writes the journal."""
         if not self.folder.is_dir():
             return
         named = {row[0] for row in self.con.execute(

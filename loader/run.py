@@ -36,7 +36,7 @@ from .source import (
     frame_batches,
     row_counts,
 )
-from .stage import BackgroundStage
+from .stage import BackgroundStage, prefetched
 from .statedb import open_state
 from .targets.base import SendResult, Target
 from .validate import Rules, split_valid, warm_up
@@ -248,9 +248,9 @@ class Run:
         """The cache learns what the target confirmed, and the chunks leave the journal: one transaction."""
         cache.con.execute("begin")
         cache.record_confirmed(self.cache_target_id, confirmed.select(CONFIRMED_COLUMNS).to_arrow())
-        journal.confirm(keys)
+        files = journal.confirm(keys)
         cache.con.execute("commit")
-        journal.sweep()
+        journal.forget(files)
 
     def _recover(self, journal: Journal, cache: Cache) -> LoaderError | None:
         """Send again, unchanged and under their keys, the chunks an earlier run sent but never heard of."""
@@ -509,7 +509,7 @@ def run_pipeline(pipeline: Any, *, vars: Mapping[str, str] | None = None, dry_ru
         run = Run(settings, make_target(pipeline), dry_run=dry_run, on_progress=on_progress,
                   payloads=_payload_writer(payloads_dir))
         files = [str(f) for f in spec.files] if spec.query is None else ["query"]
-        return run.execute(source.batches(), lambda: {"files": row_counts(files, source.file_rows)})
+        return run.execute(prefetched(source.batches()), lambda: {"files": row_counts(files, source.file_rows)})
 
 
 def load_frame(frame: pl.DataFrame, settings: RunSettings, target: Target, *, dry_run: bool = False,

@@ -9,9 +9,10 @@ to that many batches whatever the source's length.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _DONE = object()
@@ -55,3 +56,41 @@ class BackgroundStage:
                 self.failure = exc
             finally:
                 self._slots.release()
+
+
+def prefetched(items: Iterator[Any], *, name: str = "loader-read") -> Iterator[Any]:
+    """`items`, read one ahead on a thread of its own (started now), errors raised in their place.
+
+    The run reads batch k+1 of the source while it maps batch k, and its first batch while it
+    opens the state file and the target.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for item in items:
+                ready.put((item, None))
+                if stop.is_set():
+                    return
+            ready.put((_DONE, None))
+        except BaseException as exc:  # noqa: BLE001 - raised again on the reading side, in its place
+            ready.put((None, exc))
+
+    threading.Thread(target=read, name=name, daemon=True).start()
+    return _drain(ready, stop)
+
+
+def _drain(ready: queue.Queue, stop: threading.Event) -> Iterator[Any]:
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            ready.get_nowait()  # a reader blocked on a full queue can see `stop` and end

@@ -12,6 +12,8 @@ import duckdb
 
 from .errors import LockedError, SourceError
 
+MEMORY_LIMIT = "256MB"
+
 
 def open_state(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     """Open (creating when missing, unless read-only) the state database at `path`."""
@@ -20,7 +22,9 @@ def open_state(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnect
         raise SourceError(f"{path} does not exist: no run has used this cache yet")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return duckdb.connect(str(path), read_only=read_only)
+        # Bounded: DuckDB would otherwise keep every block it read (a 50M-id cache is 0.9 GB) cached
+        # up to 80% of RAM; the file's blocks stay in the OS page cache anyway.
+        return duckdb.connect(str(path), read_only=read_only, config={"memory_limit": MEMORY_LIMIT})
     except duckdb.IOException as exc:
         if "lock" in str(exc).lower():
             raise LockedError(

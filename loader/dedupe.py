@@ -11,7 +11,7 @@ Keys are 128-bit md5 hashes (hashing.py), kept as two unsigned 64-bit halves
 one environment never answers for another.
 
 Duplicates across batches are found through a scratch DuckDB database that
-lives for one run, in memory up to 512 MB and spilled to a temporary folder
+lives for one run, in memory up to 64 MB and spilled to a temporary folder
 beyond, so memory stays bounded however long the source is.
 """
 
@@ -77,10 +77,10 @@ class SourceDeduper:
         self.target_tag = short_tag(target_key)  # keeps the hashed texts short
         self._files: list[str] = []
         self._file_numbers: dict[str, int] = {}
-        # In memory (an insert costs a third of one into a file), spilling past 512 MB to a
+        # In memory (an insert costs a third of one into a file), spilling past 64 MB to a
         # folder of its own, so a source of any length keeps memory bounded.
         self._spill = tempfile.mkdtemp(prefix="loader-run-", dir=scratch_dir)
-        self.con = duckdb.connect(":memory:", config={"memory_limit": "512MB", "temp_directory": self._spill})
+        self.con = duckdb.connect(":memory:", config={"memory_limit": "64MB", "temp_directory": self._spill})
         self.con.execute(
             "create table seen_ids (key_hi ubigint, key_lo ubigint, file_number integer, source_row bigint);"
             "create table content_counts (content_hi ubigint, content_lo ubigint, n bigint);"

@@ -12,7 +12,7 @@ import duckdb
 
 from .errors import LockedError, SourceError
 
-MEMORY_LIMIT = "256MB"
+MEMORY_LIMIT = "64MB"
 
 
 def open_state(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:

@@ -23,6 +23,8 @@ from .schema import allocate_ids, create_schema
 # DuckDB shares one database instance between the connections of a process,
 # and two transactions writing the same row conflict. So every Engine of the
 # same file in this process takes the same lock for each call.
+MEMORY_LIMIT = "256MB"
+
 _locks_guard = threading.Lock()
 _locks: dict[str, threading.RLock] = {}
 
@@ -63,7 +65,9 @@ class Engine:
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            connection = duckdb.connect(str(path), read_only=read_only)
+            # Bounded, so memory does not grow with the database: DuckDB would otherwise keep
+            # every block it read cached, up to 80% of RAM.
+            connection = duckdb.connect(str(path), read_only=read_only, config={"memory_limit": MEMORY_LIMIT})
         except duckdb.IOException as error:
             if "could not set lock" in str(error).lower():
                 pid = re.search(r"PID (\d+)", str(error))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -102,6 +103,9 @@ class Run:
         self.rows_read = 0
         self.counts = {"successful": 0, "failed": 0, "skipped": 0}
         self.abort: LoaderError | None = None  # why the run stopped sending, once it has
+        self._last_planned: Planned | None = None  # set once the source is read to its end
+        self._closing_lock = threading.Lock()
+        self._target_closed = False
 
     # -- the whole run ------------------------------------------------------
     def execute(self, batches: Iterator[pl.DataFrame], source_summary: Callable[[], dict]) -> RunResult:
@@ -120,20 +124,28 @@ class Run:
         deduper = SourceDeduper(self.target.target_key, scratch_dir=s.cache_path.parent)
         log.info("run started", extra={"event": "run_start", "run_id": self.run_id, "pipeline": s.name})
         errors: list[SourceError] = []  # a source that breaks partway: rows read so far are reported
-        # Closing the local engine checkpoints its file (about 0.3 s a million rows): it
-        # overlaps with writing the report and closing the state file.
-        closing = BackgroundStage(lambda close: close(), depth=1, name="loader-close-target")
+        # Closing the local engine checkpoints its file (about 0.3 s a million rows): it starts
+        # once the last batch is sent, beside recording its answer and writing the report.
+        self._closing = BackgroundStage(lambda close: close(), depth=1, name="loader-close-target")
         try:
             try:
                 self._load(batches, state, cache, journal, writer, deduper, errors)
             finally:
                 deduper.close()
-                closing.reserve()
-                closing.submit(self.target.close)
+                self._close_target()
             result = self._finish(writer, history, state, errors, source_summary)
         finally:
-            closing.close()  # raises what closing the target raised
+            self._closing.close()  # raises what closing the target raised
         return result
+
+    def _close_target(self) -> None:
+        """Start closing the target, once (from the send stage after the last send, or at the end)."""
+        with self._closing_lock:
+            if self._target_closed:
+                return
+            self._target_closed = True
+        self._closing.reserve()
+        self._closing.submit(self.target.close)
 
     def _load(self, batches: Iterator[pl.DataFrame], state: Any, cache: Cache, journal: Journal,
               writer: ReportWriter, deduper: SourceDeduper, errors: list[SourceError]) -> None:
@@ -151,16 +163,19 @@ class Run:
         answers = state.cursor()
         sending = Sending(Cache(answers), Journal(answers, journal.folder), writer)
         stage = BackgroundStage(lambda item: self._send_and_settle(item, sending), name="loader-send")
+        planned: Planned | None = None
         try:
             for batch in _until_unreadable(batches, on_error=lambda exc: errors.append(exc)):
                 stage.reserve()
                 mapped = map_batch(batch, s.mapping).with_row_index("_pos")
                 self.rows_read += batch.height
                 if self.abort is not None:
-                    stage.submit(Planned.unprocessed(mapped, self.abort))
+                    planned = Planned.unprocessed(mapped, self.abort)
                 else:
-                    stage.submit(self._plan(mapped, cache, deduper))
+                    planned = self._plan(mapped, cache, deduper)
+                stage.submit(planned)
                 self._progress()
+            self._last_planned = planned  # the source is read: after sending this, the target can close
         finally:
             stage.close()
 
@@ -209,6 +224,8 @@ class Run:
             self.abort = exc
             self._report(sending.writer, planned.abandon(exc))
             return
+        if planned is self._last_planned:
+            self._close_target()
         self._log_requests(planned.chunks, result)
         sent = _sent_outcomes(planned.to_send, result, on_conflict=s.on_conflict)
         confirmed = sent.filter(pl.col("reason_code").is_in(["created", "exists_in_target"]))

@@ -173,6 +173,12 @@ class Run:
                     planned = Planned.unprocessed(mapped, self.abort)
                 else:
                     planned = self._plan(mapped, cache, deduper)
+                    if planned.chunks and not self.dry_run:
+                        # Intent first: a chunk is in the journal before it can reach the target.
+                        # Written here, it overlaps with the stage sending the batch before.
+                        journal.record_sending(target_key=self.target.target_key, run_id=self.run_id,
+                                               on_conflict=s.on_conflict, chunks=planned.chunks,
+                                               rows=planned.to_send)
                 stage.submit(planned)
                 self._progress()
             self._last_planned = planned  # the source is read: after sending this, the target can close
@@ -205,18 +211,18 @@ class Run:
         return RunResult(report=report, exit_code=exit_code, error=error)
 
     def _send_and_settle(self, planned: Planned, sending: Sending) -> None:
-        """The background stage, for one batch: journal, send, record the answer, report."""
+        """The background stage, for one batch (journaled when planned): send, record the answer, report."""
         s = self.settings
         sending.writer.add_source_totals(planned.source_totals)
-        if self.abort is not None and planned.chunks:
-            self._report(sending.writer, planned.abandon(self.abort))
-            return
         if not planned.chunks or self.dry_run:
             self._report(sending.writer, planned.rows())
             return
-        # Intent first: a chunk is in the journal before it can reach the target.
-        sending.journal.record_sending(target_key=self.target.target_key, run_id=self.run_id,
-                                       on_conflict=s.on_conflict, chunks=planned.chunks, rows=planned.to_send)
+        if self.abort is not None:
+            # Journaled when planned, never sent: out of the journal, or the next run would send it.
+            self._record_answers(sending.cache, sending.journal, None,
+                                 [chunk.idempotency_key for chunk in planned.chunks])
+            self._report(sending.writer, planned.abandon(self.abort))
+            return
         self._log_sending(planned.chunks)
         try:
             result = self.target.send(planned.chunks, on_conflict=s.on_conflict)
@@ -261,10 +267,12 @@ class Run:
             known.append(_dry_run_outcomes(to_send))
         return Planned(known=known, to_send=to_send, chunks=chunks, source_totals=_source_totals(mapped))
 
-    def _record_answers(self, cache: Cache, journal: Journal, confirmed: pl.DataFrame, keys: list[str]) -> None:
+    def _record_answers(self, cache: Cache, journal: Journal, confirmed: pl.DataFrame | None,
+                        keys: list[str]) -> None:
         """The cache learns what the target confirmed, and the chunks leave the journal: one transaction."""
         cache.con.execute("begin")
-        cache.record_confirmed(self.cache_target_id, confirmed.select(CONFIRMED_COLUMNS).to_arrow())
+        if confirmed is not None:
+            cache.record_confirmed(self.cache_target_id, confirmed.select(CONFIRMED_COLUMNS).to_arrow())
         files = journal.confirm(keys)
         cache.con.execute("commit")
         journal.forget(files)

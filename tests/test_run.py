@@ -15,7 +15,7 @@ def reasons(report) -> dict[tuple[str, str], int]:
     return {(r["outcome"], r["reason_code"]): r["rows"] for r in report.summary["reasons"]}
 
 
-def run_with_faults(path, tmp_path, **faults):
+def run_with_faults(path, tmp_path, *, batch_rows=250_000, **faults):
     """The pipeline at `path`, run against a local target with fault injection (LocalTarget's options)."""
     from loader.config import load_pipeline
     from loader.run import Run, settings_from_pipeline
@@ -24,7 +24,7 @@ def run_with_faults(path, tmp_path, **faults):
 
     pipeline = load_pipeline(path)
     target = LocalTarget(tmp_path / ".loader/endclose.duckdb", "default", [{"key": "ops", "name": "Ops"}], **faults)
-    with Source(SourceSpec.from_pipeline(pipeline)) as source:
+    with Source(SourceSpec.from_pipeline(pipeline), batch_rows=batch_rows) as source:
         return Run(settings_from_pipeline(pipeline), target).execute(source.batches(), lambda: {"files": []})
 
 
@@ -215,6 +215,22 @@ def test_the_journal_keeps_row_files_only_while_chunks_are_unanswered(make_pipel
     assert run_pipeline(path).exit_code == 0
     assert list(folder.iterdir()) == []
     assert records(tmp_path / ".loader/endclose.duckdb").height == 6
+
+
+def test_batches_planned_after_an_abort_leave_the_journal_unsent(make_pipeline, tmp_path):
+    """Batches are journaled when planned; those the run never sent (it aborted first) leave the journal,
+    so only what may have reached the target is sent again by the next run."""
+    rows = [[f"2024-01-{i % 28 + 1:02d}", f"J{i}", "x", "1.00", "USD", "DR"] for i in range(12)]
+    path = make_pipeline({"jan.csv": rows}, target__chunk_size=2)
+    aborted = run_with_faults(path, tmp_path, batch_rows=4, lose_answers=True)
+    assert aborted.exit_code == 3
+    with duckdb.connect(str(tmp_path / ".loader/cache.duckdb"), read_only=True) as con:
+        journaled = con.sql("select count(*), sum(rows) from journal_chunks").fetchall()
+    assert journaled == [(2, 4)]  # the first batch's two chunks: sent, answer lost
+    assert len(list((tmp_path / ".loader/cache.duckdb.journal").iterdir())) == 1
+    rerun = run_pipeline(path).report
+    assert reasons(rerun) == {("skipped", "already_loaded"): 4, ("successful", "created"): 8}
+    assert records(tmp_path / ".loader/endclose.duckdb").height == 12
 
 
 def test_a_journal_kept_in_a_table_by_an_older_version_is_still_recovered(make_pipeline, tmp_path):

@@ -3,11 +3,17 @@
 1% of rows invalid (bad dates, too many decimals, unknown currencies), 1% of
 rows repeating an earlier row's id, several currencies, JSON metadata.
 
-    python bench/generate.py 1000000 bench/data/rows_1m.csv
+    python bench/generate.py 1000000 bench/data/rows_1m.csv [bench/data/rows_1m_first_half.csv]
+
+The file is written in chunks of a million rows (rows `start..start+n` of the
+same sequence), so ten million rows need no more memory than one million; the
+optional second path gets the first half of the rows in the same pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +29,11 @@ def _noise(salt: int) -> pl.Expr:
     return ((pl.col("i") + salt) * 2654435761 + salt * 40503) % 4294967291
 
 
-def generate(n: int, *, id_prefix: str = "TXN") -> pl.DataFrame:
-    frame = pl.DataFrame({"i": pl.int_range(n, eager=True, dtype=pl.Int64)}).with_columns(
+def generate(n: int, *, id_prefix: str = "TXN", start: int = 0) -> pl.DataFrame:
+    """Rows start..start+n-1 of the sequence (the same rows whatever the chunking, if start % 100 == 0)."""
+    if start % 100:
+        raise ValueError("start must be a multiple of 100: a repeated id repeats the row before it")
+    frame = pl.DataFrame({"i": pl.int_range(start, start + n, eager=True, dtype=pl.Int64)}).with_columns(
         pl.lit(pl.Series(CURRENCIES)).gather(_noise(1) % len(CURRENCIES)).alias("currency"),
         (_noise(2) % 10_000_000 - 5_000_000).alias("minor"),
         (_noise(3) % 365).alias("day"),
@@ -85,11 +94,40 @@ def bench_pipeline(name: str, source: Path, target: dict) -> str:
     }, sort_keys=False)
 
 
+def write_rows(n: int, out: Path, first_half: Path | None = None, *, chunk_rows: int = 1_000_000) -> None:
+    """Write generate(n) to `out` chunk by chunk (and its first n // 2 rows to `first_half`).
+
+    Files appear complete or not at all (written as *.partial, then renamed).
+    """
+    if chunk_rows % 100:
+        raise ValueError("chunk_rows must be a multiple of 100")
+    targets = [(out, n)] + ([(first_half, n // 2)] if first_half is not None else [])
+    partials = [path.with_name(path.name + ".partial") for path, _ in targets]
+    for path in partials:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as files:
+        handles = [files.enter_context(open(path, "wb")) for path in partials]
+        for start in range(0, n, chunk_rows):
+            chunk = generate(min(chunk_rows, n - start), start=start)
+            for handle, (_, limit) in zip(handles, targets):
+                if start < limit:
+                    chunk.head(limit - start).write_csv(handle, include_header=start == 0)
+    for partial, (path, _) in zip(partials, targets):
+        os.replace(partial, path)
+
+
+def write_first_half(full: Path, out: Path, rows: int) -> None:
+    """The first `rows` rows of an existing CSV, streamed (the file is never held in memory)."""
+    partial = out.with_name(out.name + ".partial")
+    pl.scan_csv(full, infer_schema=False).head(rows).sink_csv(partial)
+    os.replace(partial, out)
+
+
 def main() -> None:
     n = int(sys.argv[1])
     out = Path(sys.argv[2])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    generate(n).write_csv(out)
+    first_half = Path(sys.argv[3]) if len(sys.argv) > 3 else None
+    write_rows(n, out, first_half)
     print(f"wrote {n:,} rows to {out} ({out.stat().st_size / 1e6:.0f} MB)")
 
 

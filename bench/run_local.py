@@ -23,7 +23,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from generate import bench_pipeline
+from generate import bench_pipeline, write_first_half, write_rows
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -53,14 +53,52 @@ def timed(cmd: list[str], *, cwd: Path | None = None) -> tuple[float, float]:
 
 
 def ensure_data(rows: int) -> tuple[Path, Path]:
+    """The generated CSV of `rows` rows and its first half (for priming), written once, in chunks."""
     full, prime = DATA / f"rows_{rows}.csv", DATA / f"rows_{rows}_first_half.csv"
     if not full.exists():
-        subprocess.run([sys.executable, str(HERE / "generate.py"), str(rows), str(full)], check=True)
-    if not prime.exists():
-        import polars as pl
-
-        pl.read_csv(full, infer_schema=False).head(rows // 2).write_csv(prime)
+        write_rows(rows, full, prime)
+    elif not prime.exists():
+        write_first_half(full, prime, rows // 2)
     return full, prime
+
+
+def prepare_work(work: Path, full: Path, prime: Path) -> Path:
+    """A fresh `work` folder whose `primed/` state holds the first half of the file; returns pipeline.yaml.
+
+    The priming run is untimed. It uses the same paths the timed run uses (the
+    cache is keyed by the database's path); its state folder becomes `primed/`,
+    which each trial copies back to `state/`.
+    """
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "prime.yaml").write_text(bench_pipeline("bench_local", prime, LOCAL_TARGET))
+    primed = subprocess.run([sys.executable, "-m", "loader", "run", str(work / "prime.yaml")], check=False,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if primed.returncode not in (0, 1):
+        raise SystemExit(f"the priming run failed ({primed.returncode}): {primed.stderr.decode()}")
+    (work / "state").rename(work / "primed")
+    shutil.rmtree(work / "reports", ignore_errors=True)
+    (work / "pipeline.yaml").write_text(bench_pipeline("bench_local", full, LOCAL_TARGET))
+    return work / "pipeline.yaml"
+
+
+def loader_trial(work: Path, primed: str = "primed") -> tuple[float, float]:
+    """`loader run pipeline.yaml` from a fresh copy of the `primed` state folder: (wall s, peak MB)."""
+    shutil.rmtree(work / "state", ignore_errors=True)
+    shutil.copytree(work / primed, work / "state")
+    return timed([sys.executable, "-m", "loader", "run", str(work / "pipeline.yaml")])
+
+
+def floor_trial(work: Path, full: Path) -> tuple[float, float]:
+    """The floor on the same CSV, into a fresh DuckDB file: (wall s, peak MB)."""
+    floor_db = work / "floor.duckdb"
+    floor_db.unlink(missing_ok=True)
+    return timed([sys.executable, "-c", FLOOR, str(full), str(floor_db)])
+
+
+def run_trial(work: Path, full: Path) -> tuple[tuple[float, float], tuple[float, float]]:
+    """One trial: the loader run, then the floor."""
+    return loader_trial(work), floor_trial(work, full)
 
 
 def main() -> None:
@@ -70,23 +108,12 @@ def main() -> None:
     args = parser.parse_args()
     full, prime = ensure_data(args.rows)
     work = OUT / f"local_{args.rows}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    # Prime the same paths the timed run uses: the cache is keyed by the database's path.
-    (work / "prime.yaml").write_text(bench_pipeline("bench_local", prime, LOCAL_TARGET))
-    subprocess.run([sys.executable, "-m", "loader", "run", str(work / "prime.yaml")], check=False,
-                   stdout=subprocess.DEVNULL)
-    (work / "state").rename(work / "primed")
-    shutil.rmtree(work / "reports", ignore_errors=True)
-    (work / "pipeline.yaml").write_text(bench_pipeline("bench_local", full, LOCAL_TARGET))
+    prepare_work(work, full, prime)
     loader_runs, floor_runs = [], []
     for _ in range(args.trials):
-        shutil.rmtree(work / "state", ignore_errors=True)
-        shutil.copytree(work / "primed", work / "state")
-        loader_runs.append(timed([sys.executable, "-m", "loader", "run", str(work / "pipeline.yaml")]))
-        floor_db = work / "floor.duckdb"
-        floor_db.unlink(missing_ok=True)
-        floor_runs.append(timed([sys.executable, "-c", FLOOR, str(full), str(floor_db)]))
+        loader_run, floor_run = run_trial(work, full)
+        loader_runs.append(loader_run)
+        floor_runs.append(floor_run)
     loader_s = statistics.median(w for w, _ in loader_runs)
     floor_s = statistics.median(w for w, _ in floor_runs)
     print(f"rows: {args.rows:,} (1% invalid, 1% repeated ids, 50% already in the cache); trials: {args.trials}")

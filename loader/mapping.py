@@ -14,9 +14,9 @@ error, never a rounding; trailing zeros (`"1200.00"` JPY) are exact and kept.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from functools import cache
 from typing import Any
 
 import duckdb
@@ -319,6 +319,13 @@ def _check_metadata_json(frame: pl.DataFrame, spec: Any) -> pl.DataFrame:
     return frame.with_columns(checked.get_column("_metadata_problem"))
 
 
-@cache
+_checkers = threading.local()
+
+
 def _json_checker() -> duckdb.DuckDBPyConnection:
-    return duckdb.connect()
+    # One connection per thread: a DuckDB connection is not to be used by two threads at once,
+    # and batches are mapped on the run's reading thread.
+    con = getattr(_checkers, "con", None)
+    if con is None:
+        con = _checkers.con = duckdb.connect()
+    return con

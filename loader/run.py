@@ -23,7 +23,7 @@ import polars as pl
 
 from .cache import CONFIRMED_COLUMNS, Cache
 from .chunk import Chunk, plan_chunks
-from .dedupe import KEY, SourceDeduper
+from .dedupe import SourceDeduper
 from .errors import LoaderError, SourceError, TargetError
 from .history import History
 from .journal import Journal, journal_folder
@@ -110,6 +110,9 @@ class Run:
     # -- the whole run ------------------------------------------------------
     def execute(self, batches: Iterator[pl.DataFrame], source_summary: Callable[[], dict]) -> RunResult:
         s = self.settings
+        # Batches are read and mapped one ahead on a thread of their own, starting now: the
+        # first while the run opens its files, the next while this thread plans the last.
+        mapped = prefetched(_mapped(batches, s.mapping))
         warm_up(s.rules)  # pandera's first use costs ~0.3 s: pay it while the first batch is read
         state = open_state(s.cache_path)
         cache, history = Cache(state), History(state)
@@ -129,7 +132,7 @@ class Run:
         self._closing = BackgroundStage(lambda close: close(), depth=1, name="loader-close-target")
         try:
             try:
-                self._load(batches, state, cache, journal, writer, deduper, errors)
+                self._load(mapped, state, cache, journal, writer, deduper, errors)
             finally:
                 deduper.close()
                 self._close_target()
@@ -165,10 +168,9 @@ class Run:
         stage = BackgroundStage(lambda item: self._send_and_settle(item, sending), name="loader-send")
         planned: Planned | None = None
         try:
-            for batch in _until_unreadable(batches, on_error=lambda exc: errors.append(exc)):
+            for mapped in _until_unreadable(batches, on_error=lambda exc: errors.append(exc)):
                 stage.reserve()
-                mapped = map_batch(batch, s.mapping).with_row_index("_pos")
-                self.rows_read += batch.height
+                self.rows_read += mapped.height
                 if self.abort is not None:
                     planned = Planned.unprocessed(mapped, self.abort)
                 else:
@@ -379,6 +381,12 @@ class Planned:
         return self.rows(_outcome(unsent, "failed", "unprocessed"))
 
 
+def _mapped(batches: Iterator[pl.DataFrame], mapping: Any) -> Iterator[pl.DataFrame]:
+    """Each source batch mapped onto the record contract, with its position in the batch (`_pos`)."""
+    for batch in batches:
+        yield map_batch(batch, mapping).with_row_index("_pos")
+
+
 def _until_unreadable(batches: Iterator[pl.DataFrame], *, on_error: Callable[[SourceError], None]
                       ) -> Iterator[pl.DataFrame]:
     """The source's batches until one cannot be read; that error goes to `on_error`."""
@@ -534,7 +542,7 @@ def run_pipeline(pipeline: Any, *, vars: Mapping[str, str] | None = None, dry_ru
         run = Run(settings, make_target(pipeline), dry_run=dry_run, on_progress=on_progress,
                   payloads=_payload_writer(payloads_dir))
         files = [str(f) for f in spec.files] if spec.query is None else ["query"]
-        return run.execute(prefetched(source.batches()), lambda: {"files": row_counts(files, source.file_rows)})
+        return run.execute(source.batches(), lambda: {"files": row_counts(files, source.file_rows)})
 
 
 def load_frame(frame: pl.DataFrame, settings: RunSettings, target: Target, *, dry_run: bool = False,

@@ -113,6 +113,13 @@ class Run:
         # Batches are read and mapped one ahead on a thread of their own, starting now: the
         # first while the run opens its files, the next while this thread plans the last.
         mapped = prefetched(_mapped(batches, s.mapping))
+        try:
+            return self._execute(mapped, source_summary)
+        finally:
+            mapped.close()
+
+    def _execute(self, mapped: Iterator[pl.DataFrame], source_summary: Callable[[], dict]) -> RunResult:
+        s = self.settings
         warm_up(s.rules)  # pandera's first use costs ~0.3 s: pay it while the first batch is read
         state = open_state(s.cache_path)
         cache, history = Cache(state), History(state)

@@ -58,39 +58,52 @@ class BackgroundStage:
                 self._slots.release()
 
 
-def prefetched(items: Iterator[Any], *, name: str = "loader-read") -> Iterator[Any]:
+def prefetched(items: Iterator[Any], *, name: str = "loader-read") -> Prefetched:
     """`items`, read one ahead on a thread of its own (started now), errors raised in their place.
 
-    The run reads batch k+1 of the source while it maps batch k, and its first batch while it
-    opens the state file and the target.
+    The run reads (and maps) batch k+1 of the source while it plans batch k, and its first
+    batch while it opens the state file and the target. `close()` lets the reader end.
     """
-    ready: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
+    return Prefetched(items, name=name)
 
-    def read() -> None:
+
+class Prefetched:
+    """An iterator over `items` that a thread of its own keeps one item ahead of its reader."""
+
+    def __init__(self, items: Iterator[Any], *, name: str):
+        self._ready: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._finished = False
+        threading.Thread(target=self._read, args=(items,), name=name, daemon=True).start()
+
+    def _read(self, items: Iterator[Any]) -> None:
         try:
             for item in items:
-                ready.put((item, None))
-                if stop.is_set():
+                self._ready.put((item, None))
+                if self._stop.is_set():
                     return
-            ready.put((_DONE, None))
+            self._ready.put((_DONE, None))
         except BaseException as exc:  # noqa: BLE001 - raised again on the reading side, in its place
-            ready.put((None, exc))
+            self._ready.put((None, exc))
 
-    threading.Thread(target=read, name=name, daemon=True).start()
-    return _drain(ready, stop)
+    def __iter__(self) -> Prefetched:
+        return self
 
+    def __next__(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        item, error = self._ready.get()
+        if error is not None:
+            self._finished = True
+            raise error
+        if item is _DONE:
+            self._finished = True
+            raise StopIteration
+        return item
 
-def _drain(ready: queue.Queue, stop: threading.Event) -> Iterator[Any]:
-    try:
-        while True:
-            item, error = ready.get()
-            if error is not None:
-                raise error
-            if item is _DONE:
-                return
-            yield item
-    finally:
-        stop.set()
+    def close(self) -> None:
+        """Stop reading: a reader waiting to hand over an item sees `stop` and ends."""
+        self._finished = True
+        self._stop.set()
         with contextlib.suppress(queue.Empty):
-            ready.get_nowait()  # a reader blocked on a full queue can see `stop` and end
+            self._ready.get_nowait()

@@ -53,3 +53,20 @@ def test_run_fails_with_exit_3_while_another_process_holds_the_local_database(ma
         result = run_cli("run", str(path))
         assert result.returncode == 3
         assert "in use by another loader process" in result.stderr
+
+
+def test_a_run_refused_by_a_lock_leaves_no_reader_behind(make_pipeline, tmp_path):
+    """In a notebook the process lives on: the source reader started with the run must end with it."""
+    import threading
+
+    import pytest
+
+    from loader.errors import LockedError
+    from loader.run import run_pipeline
+
+    path = make_pipeline({"a.csv": ROWS * 3})
+    with held(tmp_path / ".loader" / "cache.duckdb"), pytest.raises(LockedError):
+        run_pipeline(path)
+    for reader in [t for t in threading.enumerate() if t.name == "loader-read"]:
+        reader.join(timeout=30)
+        assert not reader.is_alive()

@@ -90,7 +90,7 @@ class SourceDeduper:
         """Key the batch, and split off rows whose key an earlier row already had."""
         keyed = self._keyed(valid)
         has_id = pl.col("external_id").is_not_null()
-        earlier = self._seen(keyed.select(*KEY, "external_id").filter(has_id).select(KEY).unique())
+        earlier = self._seen(keyed.filter(has_id).select(KEY))
         # Id-less keys are unique by construction (occurrence numbers), so this only catches ids.
         repeated = ~pl.struct(KEY).is_first_distinct()
         if earlier.height:
@@ -165,8 +165,11 @@ class SourceDeduper:
     def _seen(self, keys: pl.DataFrame) -> pl.DataFrame:
         self.con.register("_keys", keys.to_arrow())
         try:
+            # As in Cache.find_loaded: a join on key_hi alone first, then the whole key.
             seen = self.con.sql(
-                "select s.key_hi, s.key_lo, s.file_number, s.source_row from seen_ids s "
+                "with candidates as materialized ("
+                "  select key_hi, key_lo, file_number, source_row from seen_ids semi join _keys using (key_hi)) "
+                "select c.key_hi, c.key_lo, c.file_number, c.source_row from candidates c "
                 "semi join _keys k using (key_hi, key_lo)"
             ).pl()
         finally:

@@ -4,8 +4,12 @@
     already loaded (cache) -> chunk -> target -> outcomes -> cache + report
 
 Each stage is a function of its own module; this one composes them, batch by
-batch, so memory is bounded by the batch size and not by the source. The CLI,
-notebooks and orchestrators all call `run_pipeline` / `load_frame`.
+batch, so memory is bounded by the batch size and not by the source. Three
+threads share the work (Polars and DuckDB release the GIL): a reader reads and
+maps batch k+2, the run's thread validates, dedupes, chunks and journals batch
+k+1, and a send stage (stage.py) sends batch k and records its answer in the
+cache and the report, in source order. The CLI, notebooks and orchestrators all
+call `run_pipeline` / `load_frame`.
 """
 
 from __future__ import annotations

@@ -178,9 +178,14 @@ class Run:
         sending = Sending(Cache(answers), Journal(answers, journal.folder), writer)
         stage = BackgroundStage(lambda item: self._send_and_settle(item, sending), name="loader-send")
         planned: Planned | None = None
+        mapped_batches = _until_unreadable(batches, on_error=lambda exc: errors.append(exc))
         try:
-            for mapped in _until_unreadable(batches, on_error=lambda exc: errors.append(exc)):
-                stage.reserve()
+            while True:
+                stage.reserve()  # before taking a batch: no batch waits here while the stage is busy
+                mapped = next(mapped_batches, None)
+                if mapped is None:
+                    stage.unreserve()
+                    break
                 self.rows_read += mapped.height
                 if self.abort is not None:
                     planned = Planned.unprocessed(mapped, self.abort)

@@ -150,7 +150,7 @@ class Source:
             if lf is None:
                 continue
             try:
-                for batch in lf.collect_batches(chunk_size=self.batch_rows):
+                for batch in lf.collect_batches(chunk_size=min(self.batch_rows, 50_000)):
                     if batch.height == 0:
                         continue
                     self.file_rows[name] += batch.height

@@ -9,7 +9,6 @@ to that many batches whatever the source's length.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -32,6 +31,10 @@ class BackgroundStage:
     def reserve(self) -> None:
         """Wait until another item may be planned (call before planning it)."""
         self._slots.acquire()
+
+    def unreserve(self) -> None:
+        """Give back a `reserve` that no item came of."""
+        self._slots.release()
 
     def submit(self, item: Any) -> None:
         """Hand over an item planned under a `reserve`."""
@@ -68,21 +71,29 @@ def prefetched(items: Iterator[Any], *, name: str = "loader-read") -> Prefetched
 
 
 class Prefetched:
-    """An iterator over `items` that a thread of its own keeps one item ahead of its reader."""
+    """An iterator over `items` that a thread of its own keeps one item ahead of its reader.
+
+    At most one item is made and not yet taken: the thread makes the next only once the
+    reader takes the last, so memory holds one batch ahead, not two.
+    """
 
     def __init__(self, items: Iterator[Any], *, name: str):
-        self._ready: queue.Queue = queue.Queue(maxsize=1)
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._wanted = threading.Semaphore(1)
         self._stop = threading.Event()
         self._finished = False
-        threading.Thread(target=self._read, args=(items,), name=name, daemon=True).start()
+        threading.Thread(target=self._read, args=(iter(items),), name=name, daemon=True).start()
 
     def _read(self, items: Iterator[Any]) -> None:
         try:
-            for item in items:
-                self._ready.put((item, None))
+            while True:
+                self._wanted.acquire()
                 if self._stop.is_set():
                     return
-            self._ready.put((_DONE, None))
+                item = next(items, _DONE)
+                self._ready.put((item, None))
+                if item is _DONE:
+                    return
         except BaseException as exc:  # noqa: BLE001 - raised again on the reading side, in its place
             self._ready.put((None, exc))
 
@@ -99,11 +110,11 @@ class Prefetched:
         if item is _DONE:
             self._finished = True
             raise StopIteration
+        self._wanted.release()  # the thread may make the next item while this one is used
         return item
 
     def close(self) -> None:
-        """Stop reading: a reader waiting to hand over an item sees `stop` and ends."""
+        """Stop reading; the thread ends once the item it is making, if any, is made."""
         self._finished = True
         self._stop.set()
-        with contextlib.suppress(queue.Empty):
-            self._ready.get_nowait()
+        self._wanted.release()

@@ -182,8 +182,8 @@ class Run:
         try:
             while True:
                 stage.reserve()  # before taking a batch: no batch waits here while the stage is busy
-                mapped = next(mapped_batches, None)
-                if mapped is None:
+                mapped = None if stage.failure is not None else next(mapped_batches, None)
+                if mapped is None:  # the source is read (or the stage broke: closing it says why)
                     stage.unreserve()
                     break
                 self.rows_read += mapped.height

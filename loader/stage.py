@@ -1,8 +1,8 @@
 """One background stage of a run: items handled in order, on one thread, a bounded number ahead.
 
-The run plans batch k+1 (read, map, validate, dedupe) on the calling thread
-while this stage sends batch k and records its answer (journal, target,
-cache, report). Polars and DuckDB release the GIL, so the two share the cores.
+The run plans batch k+1 (validate, dedupe, chunk, journal) on the calling
+thread while this stage sends batch k and records its answer (target, cache,
+report). Polars and DuckDB release the GIL, so the two share the cores.
 At most `depth` items are planned but not yet handled, which bounds memory
 to that many batches whatever the source's length.
 """

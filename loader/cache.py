@@ -45,12 +45,17 @@ class Cache:
         # fetchall, not fetchone: a half-read result would block the next register() on this connection.
         return self.con.execute("select id from cache_targets where target_key = ?", [target_key]).fetchall()[0][0]
 
-    def find_loaded(self, keys: pl.DataFrame) -> pl.DataFrame:
-        """Of the rows of `keys` (`key_hi`, `key_lo`), those already loaded: their positions in `keys`
-        (`pos`, ascending) and a bulk request that holds each (`bulk_request_id`).
+    def loaded_mask(self, keys: pl.DataFrame) -> tuple[pl.Series, pl.DataFrame]:
+        """Which rows of `keys` (`key_hi`, `key_lo`) are already loaded: a mask, and those rows'
+        positions in `keys` (`pos`, ascending) with a bulk request that holds each (`bulk_request_id`).
 
-        Positions, not keys, so the caller splits its rows with a mask instead of joining them.
+        Positions, not keys, so the caller splits its rows with the mask instead of joining them.
         """
+        found = self._loaded_positions(keys)
+        mask = pl.repeat(False, keys.height, dtype=pl.Boolean, eager=True).scatter(found.get_column("pos"), True)
+        return mask, found
+
+    def _loaded_positions(self, keys: pl.DataFrame) -> pl.DataFrame:
         self.con.register("_keys", keys.select("key_hi", "key_lo").with_row_index("pos").to_arrow())
         try:
             # Two steps: a join on key_hi alone reads half the cache and hashes one column, three
@@ -68,12 +73,6 @@ class Cache:
             ).pl()
         finally:
             self.con.unregister("_keys")
-
-    def loaded_mask(self, keys: pl.DataFrame) -> tuple[pl.Series, pl.DataFrame]:
-        """(whether each row of `keys` is already loaded, `find_loaded(keys)`)."""
-        found = self.find_loaded(keys)
-        mask = pl.repeat(False, keys.height, dtype=pl.Boolean, eager=True).scatter(found.get_column("pos"), True)
-        return mask, found
 
     def record_confirmed(self, target_id: int, rows: pa.Table) -> None:
         """Add confirmed rows (CONFIRMED_COLUMNS) to the cache, in the caller's transaction."""

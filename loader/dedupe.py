@@ -165,7 +165,7 @@ class SourceDeduper:
     def _seen(self, keys: pl.DataFrame) -> pl.DataFrame:
         self.con.register("_keys", keys.to_arrow())
         try:
-            # As in Cache.find_loaded: a join on key_hi alone first, then the whole key.
+            # As in Cache.loaded_mask: a join on key_hi alone first, then the whole key.
             seen = self.con.sql(
                 "with candidates as materialized ("
                 "  select key_hi, key_lo, file_number, source_row from seen_ids semi join _keys using (key_hi)) "

@@ -44,11 +44,11 @@ create table if not exists journal_chunks (
 );
 alter table journal_chunks add column if not exists rows_file varchar;
 """
-ROW_FIELDS = ("key_hi", "key_lo", "date", "data_stream_key", "amount", "currency", "direction", "description",
-              "external_id", "metadata")
+# A row file's columns: the chunk and position of each row, its cache key, and the body's fields.
 ROW_SCHEMA = {"idempotency_key": pl.String, "index": pl.Int32, "key_hi": pl.UInt64, "key_lo": pl.UInt64,
               "date": pl.Date, "data_stream_key": pl.String, "amount": pl.Int64, "currency": pl.String,
               "direction": pl.String, "description": pl.String, "external_id": pl.String, "metadata": pl.String}
+ROW_FIELDS = tuple(name for name in ROW_SCHEMA if name not in ("idempotency_key", "index"))
 _PARTIAL = ".partial"
 
 

@@ -48,13 +48,20 @@ class Rules:
         )
 
 
+# The record contract's columns and their types (mapping.py produces them).
+_RECORD_DTYPES = {"date": pl.Date, "data_stream_key": pl.String, "amount": pl.Int64, "currency": pl.String,
+                  "direction": pl.String, "description": pl.String, "external_id": pl.String,
+                  "metadata": pl.String}
+
+
 @cache
 def record_schema(rules: Rules = Rules()) -> Any:
     """The pandera schema of a mapped record, with the pipeline's extra rules."""
     import pandera.polars as pa
 
-    def column(dtype: Any, *checks: Any, required: bool = False, name: str) -> Any:
-        return pa.Column(dtype, checks=list(checks), nullable=not (required or name in rules.required))
+    def column(name: str, *checks: Any, required: bool = False) -> Any:
+        nullable = not (required or name in rules.required)
+        return pa.Column(_RECORD_DTYPES[name], checks=list(checks), nullable=nullable)
 
     amount_checks = []
     if rules.max_abs_amount is not None:
@@ -70,31 +77,25 @@ def record_schema(rules: Rules = Rules()) -> Any:
         date_checks.append(pa.Check.le(rules.max_date, error=f"after validation.date_range.max ({rules.max_date})"))
     return pa.DataFrameSchema(
         {
-            "date": column(pl.Date, *date_checks, required=True, name="date"),
+            "date": column("date", *date_checks, required=True),
             "data_stream_key": column(
-                pl.String, pa.Check.str_length(1, 255, error="must be 1 to 255 characters"),
-                required=True, name="data_stream_key",
+                "data_stream_key", pa.Check.str_length(1, 255, error="must be 1 to 255 characters"), required=True
             ),
-            "amount": column(pl.Int64, *amount_checks, required=True, name="amount"),
+            "amount": column("amount", *amount_checks, required=True),
             "currency": column(
-                pl.String, pa.Check.str_matches(ISO_CURRENCY, error="must be 3 letters (ISO 4217)"),
-                required=True, name="currency",
+                "currency", pa.Check.str_matches(ISO_CURRENCY, error="must be 3 letters (ISO 4217)"), required=True
             ),
-            "direction": column(
-                pl.String, pa.Check.isin(DIRECTIONS, error="must be credit or debit"), name="direction"
-            ),
-            "description": column(pl.String, name="description"),
-            "external_id": column(
-                pl.String, pa.Check.str_length(1, 255, error="must be 1 to 255 characters"), name="external_id"
-            ),
-            "metadata": column(pl.String, required=True, name="metadata"),
+            "direction": column("direction", pa.Check.isin(DIRECTIONS, error="must be credit or debit")),
+            "description": column("description"),
+            "external_id": column("external_id", pa.Check.str_length(1, 255, error="must be 1 to 255 characters")),
+            "metadata": column("metadata", required=True),
         },
         strict=False,
         name="record",
     )
 
 
-def warm_up(rules: Rules = Rules()) -> threading.Thread:
+def warm_up(rules: Rules = Rules()) -> None:
     """Import pandera, build the schema and run it once, on a thread of its own.
 
     That costs about 0.3 s, once per process; a run starts it before reading
@@ -103,14 +104,7 @@ def warm_up(rules: Rules = Rules()) -> threading.Thread:
     def work() -> None:
         _schema_failures(pl.DataFrame(schema=_RECORD_DTYPES), rules)
 
-    thread = threading.Thread(target=work, name="loader-warm-up", daemon=True)
-    thread.start()
-    return thread
-
-
-_RECORD_DTYPES = {"date": pl.Date, "data_stream_key": pl.String, "amount": pl.Int64, "currency": pl.String,
-                  "direction": pl.String, "description": pl.String, "external_id": pl.String,
-                  "metadata": pl.String}
+    threading.Thread(target=work, name="loader-warm-up", daemon=True).start()
 
 
 def split_valid(mapped: pl.DataFrame, rules: Rules = Rules()) -> tuple[pl.DataFrame, pl.DataFrame]:

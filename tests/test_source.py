@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import polars as pl
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from loader.config import load_pipeline
 from loader.errors import ConfigError
 from loader.run import run_pipeline
-from loader.source import Source, SourceSpec
+from loader.source import CSV_CHUNK_BYTES, CSV_CHUNK_BYTES_VARIABLE, Source, SourceSpec
 
 MAPPING = {
     "date": {"column": "posted"},
@@ -91,3 +92,40 @@ def test_latin1_files_are_transcoded(tmp_path):
 
     with duckdb.connect(str(tmp_path / ".loader" / "endclose.duckdb"), read_only=True) as con:
         assert con.sql("select description from records").fetchall() == [("Café",)]
+
+
+
+def _quoted_csv(path, rows: int) -> pl.DataFrame:
+    frame = pl.DataFrame({
+        "txn_id": [f"T{i:06d}" for i in range(rows)],
+        "memo": [f"line one, {i}\nline \"two\" {i}" if i % 7 == 0 else f"plain {i}" for i in range(rows)],
+        "amount": [str(i * 3 - 50) for i in range(rows)],
+    })
+    frame.write_csv(path)
+    return frame
+
+
+def test_quoted_fields_survive_every_read_chunk_boundary(tmp_path, monkeypatch):
+    # A value the user set wins over the reader's default: 16 KiB chunks put about a hundred
+    # chunk boundaries in this file, some inside quoted fields with separators and line breaks.
+    monkeypatch.setenv(CSV_CHUNK_BYTES_VARIABLE, str(16 << 10))
+    path = tmp_path / "quoted.csv"
+    frame = _quoted_csv(path, 60_000)
+    assert path.stat().st_size > 80 * (16 << 10)
+
+    with Source(SourceSpec(files=[path]), batch_rows=25_000) as source:
+        read = pl.concat(list(source.batches()))
+
+    assert os.environ[CSV_CHUNK_BYTES_VARIABLE] == str(16 << 10)
+    assert source.file_rows == {str(path): 60_000}
+    assert read.get_column("source_row").to_list() == list(range(60_000))
+    assert read.select("txn_id", "memo", "amount").equals(frame)
+
+
+def test_csv_reads_take_bounded_chunks_unless_the_user_chose(tmp_path, monkeypatch):
+    monkeypatch.delenv(CSV_CHUNK_BYTES_VARIABLE, raising=False)
+    path = tmp_path / "small.csv"
+    _quoted_csv(path, 10)
+    with Source(SourceSpec(files=[path])) as source:
+        assert sum(batch.height for batch in source.batches()) == 10
+    assert os.environ[CSV_CHUNK_BYTES_VARIABLE] == str(CSV_CHUNK_BYTES)

@@ -105,6 +105,50 @@ def test_reopening_keeps_data_and_ids(tmp_path):
         assert len(engine.list_records(ENV, data_stream_key="bank")["data"]) == 2
 
 
+
+def _row_groups(path: Path) -> int:
+    with Engine.open(path, read_only=True) as engine, engine._snapshot() as con:
+        [(groups,)] = con.execute(
+            "SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('records') WHERE column_id = 0"
+        ).fetchall()
+    return groups
+
+
+def _numbered_requests(first: int, rows: int) -> list[BulkSubmission]:
+    """1000-row requests of distinct external ids first, first+1, ..."""
+    table = pa.table({
+        "date": pa.repeat("2024-01-31", rows), "data_stream_key": pa.repeat("bank", rows),
+        "amount": pa.array(range(first, first + rows), pa.int64()),
+        "external_id": pa.array([f"id-{n}" for n in range(first, first + rows)]),
+    })
+    return [BulkSubmission(table.slice(offset, 1000)) for offset in range(0, rows, 1000)]
+
+
+def test_small_appends_are_merged_into_few_row_groups_on_close(tmp_path):
+    path = tmp_path / "endclose.duckdb"
+    for run in range(12):
+        with Engine.open(path) as engine:
+            engine.ensure_streams(ENV, [{"key": "bank", "name": "Bank"}])
+            engine.submit(ENV, _numbered_requests(run * 1000, 1000))
+    assert _row_groups(path) <= 2  # not one per append
+
+
+def test_a_large_append_keeps_its_row_groups_and_every_row(tmp_path):
+    path = tmp_path / "endclose.duckdb"
+    with Engine.open(path) as engine:
+        engine.ensure_streams(ENV, [{"key": "bank", "name": "Bank"}])
+        engine.submit(ENV, _numbered_requests(0, 10_000))
+    assert _row_groups(path) == 1
+    with Engine.open(path) as engine:
+        engine.submit(ENV, _numbered_requests(10_000, 130_000))
+    # 10,000 + 122,880 + 7,120 rows: the close does not rewrite them into two row groups.
+    assert _row_groups(path) == 3
+    with Engine.open(path, read_only=True) as engine, engine._snapshot() as con:
+        assert con.execute("SELECT count(DISTINCT external_id), sum(amount) FROM records").fetchall() == [
+            (140_000, sum(range(140_000)))
+        ]
+
+
 def test_read_only_engine_reads_but_does_not_write(tmp_path):
     path = tmp_path / "endclose.duckdb"
     with Engine.open(path) as engine:

@@ -14,6 +14,8 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from .views import registered
+
 SCHEMA = """
 create table if not exists cache_targets (id integer primary key, target_key varchar not null unique);
 create table if not exists loaded_ids (
@@ -56,8 +58,7 @@ class Cache:
         return mask, found
 
     def _loaded_positions(self, keys: pl.DataFrame) -> pl.DataFrame:
-        self.con.register("_keys", keys.select("key_hi", "key_lo").with_row_index("pos").to_arrow())
-        try:
+        with registered(self.con, "_keys", keys.select("key_hi", "key_lo").with_row_index("pos").to_arrow()):
             # Two steps: a join on key_hi alone reads half the cache and hashes one column, three
             # times faster than joining both on a cache of 50M ids; the few rows it keeps are
             # then matched on the whole key.
@@ -71,19 +72,14 @@ class Cache:
                 group by k.pos order by k.pos
                 """
             ).pl()
-        finally:
-            self.con.unregister("_keys")
 
     def record_confirmed(self, target_id: int, rows: pa.Table) -> None:
         """Add confirmed rows (CONFIRMED_COLUMNS) to the cache, in the caller's transaction."""
-        self.con.register("_confirmed", rows)
-        try:
+        with registered(self.con, "_confirmed", rows):
             self.con.execute(
                 "insert into loaded_ids select key_hi, key_lo, ?, bulk_request_id, record_id from _confirmed",
                 [target_id],
             )
-        finally:
-            self.con.unregister("_confirmed")
 
     def count(self) -> int:
         return self.con.execute("select count(*) from loaded_ids").fetchall()[0][0]

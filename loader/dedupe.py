@@ -27,6 +27,7 @@ import polars as pl
 
 from .hashing import md5_halves, short_tag
 from .source import SOURCE_FILE, SOURCE_ROW
+from .views import registered
 
 KEY = ["key_hi", "key_lo"]
 CONTENT = ["content_hi", "content_lo"]
@@ -147,24 +148,19 @@ class SourceDeduper:
         )
 
     def _prior_counts(self, contents: pl.DataFrame) -> pl.DataFrame:
-        self.con.register("_contents", contents.to_arrow())
-        try:
+        with registered(self.con, "_contents", contents.to_arrow()):
             return self.con.sql(
                 "select c.content_hi, c.content_lo, sum(c.n)::bigint as n from content_counts c "
                 "semi join _contents k using (content_hi, content_lo) group by all"
             ).pl()
-        finally:
-            self.con.unregister("_contents")
 
     def _count(self, counts: pl.DataFrame) -> None:
-        self.con.register("_counts", counts.to_arrow())
-        self.con.execute("insert into content_counts select content_hi, content_lo, n from _counts")
-        self.con.unregister("_counts")
+        with registered(self.con, "_counts", counts.to_arrow()):
+            self.con.execute("insert into content_counts select content_hi, content_lo, n from _counts")
 
     # -- ids seen in earlier batches -------------------------------------------
     def _seen(self, keys: pl.DataFrame) -> pl.DataFrame:
-        self.con.register("_keys", keys.to_arrow())
-        try:
+        with registered(self.con, "_keys", keys.to_arrow()):
             # As in Cache.loaded_mask: a join on key_hi alone first, then the whole key.
             seen = self.con.sql(
                 "with candidates as materialized ("
@@ -172,8 +168,6 @@ class SourceDeduper:
                 "select c.key_hi, c.key_lo, c.file_number, c.source_row from candidates c "
                 "semi join _keys k using (key_hi, key_lo)"
             ).pl()
-        finally:
-            self.con.unregister("_keys")
         if seen.height == 0:
             return pl.DataFrame(schema={"key_hi": pl.UInt64, "key_lo": pl.UInt64, SOURCE_FILE: pl.String,
                                         SOURCE_ROW: pl.Int64})
@@ -194,9 +188,8 @@ class SourceDeduper:
             *KEY, pl.col(SOURCE_FILE).replace_strict(self._file_numbers, return_dtype=pl.Int32).alias("file_number"),
             pl.col(SOURCE_ROW),
         )
-        self.con.register("_firsts", numbered.to_arrow())
-        self.con.execute(f"insert into seen_ids select key_hi, key_lo, file_number, {SOURCE_ROW} from _firsts")
-        self.con.unregister("_firsts")
+        with registered(self.con, "_firsts", numbered.to_arrow()):
+            self.con.execute(f"insert into seen_ids select key_hi, key_lo, file_number, {SOURCE_ROW} from _firsts")
 
     def close(self) -> None:
         self.con.close()

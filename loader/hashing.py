@@ -13,6 +13,8 @@ import threading
 import duckdb
 import polars as pl
 
+from .views import registered
+
 _local = threading.local()
 _HALVES = (
     "select (h >> 64)::ubigint as hi, (h & 18446744073709551615::uhugeint)::ubigint as lo "
@@ -25,11 +27,8 @@ def md5_halves(texts: pl.Series, *, names: tuple[str, str] = ("hi", "lo")) -> pl
     con = getattr(_local, "con", None)
     if con is None:
         con = _local.con = duckdb.connect()
-    con.register("_texts", texts.alias("text").to_frame().to_arrow())
-    try:
+    with registered(con, "_texts", texts.alias("text").to_frame().to_arrow()):
         halves = con.sql(_HALVES).pl()
-    finally:
-        con.unregister("_texts")
     return halves.rename({"hi": names[0], "lo": names[1]})
 
 

@@ -31,6 +31,7 @@ import duckdb
 import polars as pl
 
 from .chunk import Chunk
+from .views import registered
 
 SCHEMA = """
 create table if not exists journal_chunks (
@@ -79,15 +80,12 @@ class Journal:
         )
         name = f"{run_id}-{chunks[0].number:09d}.arrow"
         self._write_durably(journal_rows, name)
-        self.con.register("_journal_chunks", keys.to_arrow())
-        try:
+        with registered(self.con, "_journal_chunks", keys.to_arrow()):
             self.con.execute(
                 "insert into journal_chunks (idempotency_key, target_key, run_id, on_conflict, rows, rows_file) "
                 "select idempotency_key, ?, ?, ?, rows, ? from _journal_chunks",
                 [target_key, run_id, on_conflict, name],
             )
-        finally:
-            self.con.unregister("_journal_chunks")
 
     def confirm(self, idempotency_keys: Sequence[str]) -> list[str]:
         """Drop answered chunks; call inside the transaction that records their rows in the cache,
@@ -95,15 +93,12 @@ class Journal:
         if not idempotency_keys:
             return []
         keys = pl.DataFrame({"idempotency_key": list(idempotency_keys)}).to_arrow()
-        self.con.register("_answered", keys)
-        try:
+        with registered(self.con, "_answered", keys):
             files = [row[0] for row in self.con.execute(
                 "select distinct rows_file from journal_chunks where rows_file is not null "
                 "and idempotency_key in (select idempotency_key from _answered)").fetchall()]
             self.con.execute("delete from journal_chunks where idempotency_key in "
                              "(select idempotency_key from _answered)")
-        finally:
-            self.con.unregister("_answered")
         return files
 
     def forget(self, files: Sequence[str]) -> None:

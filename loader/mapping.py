@@ -26,6 +26,7 @@ from .config import RECORD_FIELDS
 from .currency import MAX_EXPONENT, exponent_table
 from .errors import ConfigError
 from .source import SOURCE_FILE, SOURCE_ROW
+from .views import registered
 
 DEFAULT_CURRENCY = "USD"  # the API's default when a record has no currency
 MAX_INTEGER_DIGITS = 15  # keeps every amount well inside int64 minor units
@@ -307,15 +308,12 @@ def _check_metadata_json(frame: pl.DataFrame, spec: Any) -> pl.DataFrame:
     if spec is None or getattr(spec, "column", None) is None:
         return frame.with_columns(pl.lit(None, dtype=pl.String).alias("_metadata_problem"))
     con = _json_checker()
-    con.register("_texts", frame.select(pl.col("metadata")).to_arrow())
-    try:
+    with registered(con, "_texts", frame.select(pl.col("metadata")).to_arrow()):
         # json_type() is not called: on invalid JSON it can fail the whole query.
         checked = con.sql(
             "select case when not json_valid(metadata) then 'is not valid JSON' "
             "when left(ltrim(metadata), 1) <> '{' then 'is not a JSON object' end as _metadata_problem from _texts"
         ).pl()
-    finally:
-        con.unregister("_texts")
     return frame.with_columns(checked.get_column("_metadata_problem"))
 
 

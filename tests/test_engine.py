@@ -149,6 +149,19 @@ def test_a_large_append_keeps_its_row_groups_and_every_row(tmp_path):
         ]
 
 
+
+def test_running_out_of_memory_says_so_and_which_setting_to_raise(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOADER_ENGINE_MEMORY_LIMIT", "4MB")
+    with Engine.open(tmp_path / "endclose.duckdb") as engine:
+        engine.ensure_streams(ENV, [{"key": "bank", "name": "Bank"}])
+        with pytest.raises(TerminalTargetError) as raised:
+            engine.submit(ENV, _numbered_requests(0, 50_000))
+        message = str(raised.value)
+        assert "Out of Memory" in message and "LOADER_ENGINE_MEMORY_LIMIT" in message
+        assert "transaction is aborted" not in message
+        assert count(engine, "records") == 0 and count(engine, "bulk_requests") == 0
+
+
 def test_read_only_engine_reads_but_does_not_write(tmp_path):
     path = tmp_path / "endclose.duckdb"
     with Engine.open(path) as engine:

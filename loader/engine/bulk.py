@@ -21,6 +21,7 @@ from typing import Sequence
 import duckdb
 import pyarrow as pa
 
+from ..views import registered
 from .currencies import CURRENCIES_VIEW
 from .model import RECORD_COLUMNS, BulkSubmission, check_submissions, concat_records, conform_records
 from .queries import bulk_request_summaries
@@ -285,9 +286,7 @@ def _create_requests(
     indexes = pa.chunked_array([_index_column(r.records.num_rows) for r in new_requests], pa.int32())
     inputs = inputs.add_column(0, "index", indexes).add_column(0, "bulk_request_id", request_ids)
 
-    con.register(_OPTIONS_VIEW, options)
-    con.register(_INPUT_VIEW, inputs)
-    try:
+    with registered(con, _OPTIONS_VIEW, options), registered(con, _INPUT_VIEW, inputs):
         con.execute(
             f"""
             INSERT INTO bulk_requests
@@ -316,6 +315,4 @@ def _create_requests(
                 f'INSERT INTO _bulk_request_inputs SELECT bulk_request_id, "index", {columns} '
                 f"FROM {_INPUT_VIEW}"
             )
-    finally:
-        con.unregister(_INPUT_VIEW)
-        con.unregister(_OPTIONS_VIEW)
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from contextlib import contextmanager
@@ -23,7 +24,11 @@ from .schema import allocate_ids, create_schema
 # DuckDB shares one database instance between the connections of a process,
 # and two transactions writing the same row conflict. So every Engine of the
 # same file in this process takes the same lock for each call.
-MEMORY_LIMIT = "256MB"
+# DuckDB's memory for one engine file. Bounded, so memory does not grow with the database
+# (DuckDB would otherwise keep every block it read cached, up to 80% of RAM); an environment
+# variable raises it for records far larger than the bench's (bulk rows of megabytes).
+MEMORY_LIMIT_VARIABLE = "LOADER_ENGINE_MEMORY_LIMIT"
+DEFAULT_MEMORY_LIMIT = "256MB"
 # Rows per DuckDB row group. An append at least this large is stored as whole row groups
 # but for the last one; see Engine.close.
 ROW_GROUP_ROWS = 122_880
@@ -69,9 +74,7 @@ class Engine:
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            # Bounded, so memory does not grow with the database: DuckDB would otherwise keep
-            # every block it read cached, up to 80% of RAM.
-            connection = duckdb.connect(str(path), read_only=read_only, config={"memory_limit": MEMORY_LIMIT})
+            connection = duckdb.connect(str(path), read_only=read_only, config={"memory_limit": memory_limit()})
         except duckdb.IOException as error:
             if "could not set lock" in str(error).lower():
                 pid = re.search(r"PID (\d+)", str(error))
@@ -147,7 +150,7 @@ class Engine:
                     raise
                 con.execute("COMMIT")
             except duckdb.Error as error:
-                raise TerminalTargetError(f"{self.path}: local database error: {error}") from None
+                raise TerminalTargetError(f"{self.path}: local database error: {_explained(error)}") from None
 
     @contextmanager
     def _snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -168,7 +171,7 @@ class Engine:
             finally:
                 cursor.execute("ROLLBACK")  # nothing was written; end the snapshot
         except duckdb.Error as error:
-            raise TerminalTargetError(f"{self.path}: local database error: {error}") from None
+            raise TerminalTargetError(f"{self.path}: local database error: {_explained(error)}") from None
 
     # -- environments and data streams -----------------------------------------------------
 
@@ -386,3 +389,17 @@ def _record_count(connection: duckdb.DuckDBPyConnection) -> int:
         "WHERE database_name = current_database() AND schema_name = 'main' AND table_name = 'records'"
     ).fetchall()
     return rows[0][0] if rows else 0
+
+
+def memory_limit() -> str:
+    """DuckDB's memory limit for an engine file: $LOADER_ENGINE_MEMORY_LIMIT, else 256MB."""
+    return os.environ.get(MEMORY_LIMIT_VARIABLE) or DEFAULT_MEMORY_LIMIT
+
+
+def _explained(error: duckdb.Error) -> str:
+    """DuckDB's message, first line only; out of memory also says which setting to raise."""
+    text = str(error).strip().splitlines()[0]
+    if isinstance(error, duckdb.OutOfMemoryException):
+        return (f"{text}; the local engine may use {memory_limit()}: set {MEMORY_LIMIT_VARIABLE} "
+                "(for example to 1GB) and run again")
+    return text

@@ -635,6 +635,8 @@ def test_list_bulk_requests_filters_and_pages(engine):
     assert [r["id"] for r in engine.list_bulk_requests(ENV, source="loader")["data"]] == [card]
     created = engine.get_bulk_request(ENV, card)["created_at"]
     assert [r["id"] for r in engine.list_bulk_requests(ENV, created_after=created)["data"]] == [pending["id"]]
+    with pytest.raises(Unprocessable, match="created_after is out of range"):
+        engine.list_bulk_requests(ENV, created_after="0001-01-01T00:00:00+05:00")
     assert pending["id"] not in [r["id"] for r in engine.list_bulk_requests(ENV, created_before=created)["data"]]
     with pytest.raises(Unprocessable):
         engine.list_bulk_requests(ENV, status="done")

@@ -213,7 +213,10 @@ def _timestamp_filter(name: str, value: datetime | str | None) -> datetime | Non
     if not isinstance(value, datetime):
         raise Unprocessable(f"{name} must be a timestamp, not {value!r}")
     if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        try:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:00+05:00 is before the first UTC instant
+            raise Unprocessable(f"{name} is out of range: {value.isoformat()}") from None
     return value
 
 

@@ -21,17 +21,18 @@ from .model import BulkSubmission
 from .queries import utc_now
 from .schema import allocate_ids, create_schema
 
-# DuckDB shares one database instance between the connections of a process,
-# and two transactions writing the same row conflict. So every Engine of the
-# same file in this process takes the same lock for each call.
 # DuckDB's memory for one engine file. Bounded, so memory does not grow with the database
 # (DuckDB would otherwise keep every block it read cached, up to 80% of RAM); an environment
-# variable raises it for records far larger than the bench's (bulk rows of megabytes).
+# variable raises it for records far larger than the bench's (descriptions or metadata of megabytes).
 MEMORY_LIMIT_VARIABLE = "LOADER_ENGINE_MEMORY_LIMIT"
 DEFAULT_MEMORY_LIMIT = "256MB"
 # Rows per DuckDB row group. An append at least this large is stored as whole row groups
-# but for the last one; see Engine.close.
+# but for the last one; see Engine._choose_vacuum.
 ROW_GROUP_ROWS = 122_880
+
+# DuckDB shares one database instance between the connections of a process,
+# and two transactions writing the same row conflict. So every Engine of the
+# same file in this process takes the same lock for each call.
 
 _locks_guard = threading.Lock()
 _locks: dict[str, threading.RLock] = {}
@@ -108,17 +109,24 @@ class Engine:
                     cursor.close()
                 self._cursors.clear()
                 if not self.read_only:
-                    # The checkpoint on close would merge the partial row groups that bulk appends
-                    # leave behind, rewriting a few hundred thousand rows (0.4 s of a 4 s load of a
-                    # million rows) into new blocks. Large appends are whole row groups but for
-                    # their last, so they skip the merge; small ones keep it, so that tiny row
-                    # groups do not pile up. (The setting is the database's, shared by the
-                    # connections of this process: each close sets it one way or the other.)
-                    appended = _record_count(self._con) - self._records_at_open
-                    self._con.execute("SET max_vacuum_tasks = 0" if appended >= ROW_GROUP_ROWS
-                                      else "RESET max_vacuum_tasks")
+                    self._choose_vacuum()
                 self._con.close()
                 self._con = None
+
+    def _choose_vacuum(self) -> None:
+        """Whether the checkpoint on close merges partial row groups (DuckDB's vacuum).
+
+        The merge rewrites the partial row groups that bulk appends leave behind: a few hundred
+        thousand rows (0.4 s of a 4 s load of a million rows) copied into new blocks. Large
+        appends are whole row groups but for their last, so they skip it; small ones keep it,
+        so that tiny row groups do not pile up. The setting is the database's, shared by the
+        connections of this process: each close sets it one way or the other.
+        """
+        try:
+            appended = _record_count(self._con) - self._records_at_open
+            self._con.execute("SET max_vacuum_tasks = 0" if appended >= ROW_GROUP_ROWS else "RESET max_vacuum_tasks")
+        except duckdb.Error:
+            pass  # a choice about tidiness never keeps the file from closing
 
     def __enter__(self) -> "Engine":
         return self

@@ -12,12 +12,17 @@ one environment never answers for another.
 
 Duplicates across batches are found through a scratch DuckDB database that
 lives for one run, in memory up to 64 MB and spilled to a temporary folder
-beyond, so memory stays bounded however long the source is.
+beyond, so memory stays bounded however long the source is. The folder is
+removed when the run ends; one left by a killed run is removed by the next run
+on the same host that uses the same state folder.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +85,8 @@ class SourceDeduper:
         self._file_numbers: dict[str, int] = {}
         # In memory (an insert costs a third of one into a file), spilling past 64 MB to a
         # folder of its own, so a source of any length keeps memory bounded.
-        self._spill = tempfile.mkdtemp(prefix="loader-run-", dir=scratch_dir)
+        self._spill = tempfile.mkdtemp(prefix=_spill_prefix(os.getpid()), dir=scratch_dir)
+        sweep_spill_folders(Path(self._spill).parent)
         self.con = duckdb.connect(":memory:", config={"memory_limit": "64MB", "temp_directory": self._spill})
         self.con.execute(
             "create table seen_ids (key_hi ubigint, key_lo ubigint, file_number integer, source_row bigint);"
@@ -194,3 +200,36 @@ class SourceDeduper:
     def close(self) -> None:
         self.con.close()
         shutil.rmtree(self._spill, ignore_errors=True)
+
+
+def _spill_prefix(pid: int) -> str:
+    # Host and process in the name (sweep_spill_folders reads them back): a folder whose process
+    # is gone can be told from one in use, also when partitions on several machines share it.
+    return f"loader-run-{socket.gethostname()}-{pid}-"
+
+
+def sweep_spill_folders(folder: Path) -> list[Path]:
+    """Remove the scratch folders that runs on this host left when they were killed; return them.
+
+    A folder is removed only when its process is gone; folders of other hosts, of live
+    processes and of older versions (no process in the name) are left alone.
+    """
+    pattern = re.compile(re.escape(f"loader-run-{socket.gethostname()}-") + r"(\d+)-.+")
+    removed = []
+    for path in folder.glob("loader-run-*"):
+        match = pattern.fullmatch(path.name)
+        if match is None or not path.is_dir() or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -195,7 +195,11 @@ def test_a_killed_run_then_a_rerun_loads_every_valid_row_exactly_once(tmp_path, 
         path, total, expected = setup(tmp_path, server)
         events = events_until_killed(path, KILL_MOMENTS[moment], server)
         assert events and events[0]["event"] == "run_start"
+        left_behind = list((tmp_path / ".loader").glob("loader-run-*"))
+        assert left_behind, "the killed run's scratch folder"
         summary = finish(path)
+    # The rerun removed the scratch folder of the killed run, and its own when it ended.
+    assert not list((tmp_path / ".loader").glob("loader-run-*"))
     held, record_ids = held_counts(database)
 
     # The target holds every valid source row exactly once: no row lost, none loaded twice.

@@ -139,6 +139,11 @@ def main() -> None:
         print(f"  {r['rows']:,} rows: loader trials "
               + ", ".join(f"{w:.2f}" for w in r["loader_trials"]) + " s; floor trials "
               + ", ".join(f"{w:.2f}" for w in r["floor_trials"]) + f" s; data + priming {r['prepare_s']:.0f} s")
+        # Each trial times the loader and then the floor, seconds apart: the ratio within a trial
+        # is less exposed to the machine's drift than the ratio of the two medians (the table's).
+        paired = sorted(lw / fw for lw, fw in zip(r["loader_trials"], r["floor_trials"]))
+        print(f"  {r['rows']:,} rows: loader/floor per trial " + ", ".join(f"{x:.2f}" for x in paired)
+              + f"; median {statistics.median(paired):.2f}")
     if len(results) > 1:
         small, large = results[0], results[-1]
         row_ratio = large["rows"] / small["rows"]

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import loader.engine
 from loader.engine import RECORD_COLUMNS, BulkSubmission, Engine, normalize_json_records
+from loader.engine.schema import RECORD_KEY_SQL
 from loader.errors import BadRequest, Conflict, LockedError, NotFound, TerminalTargetError, Unprocessable
 
 ENV = "test"
@@ -342,6 +343,35 @@ def test_existing_external_id_is_skipped_or_failed_by_on_conflict(engine):
     assert results(engine, failed["id"])[0]["error"] == "external_id 't1' already exists in data stream 'bank'"
     [kept] = engine.list_records(ENV, external_id="t1")["data"]
     assert kept["amount"] == 1
+
+
+def test_records_written_before_the_key_table_still_conflict(tmp_path):
+    # A file from before `_record_keys`: its records have no keys until the next open builds them.
+    path = tmp_path / "endclose.duckdb"
+    with Engine.open(path) as engine:
+        engine.ensure_streams(ENV, [{"key": "bank", "name": "Bank"}])
+        submit_one(engine, [record(external_id="t1", amount=1), record(external_id="t2"), record()])
+        with engine._transaction() as con:
+            con.execute("DELETE FROM _record_keys")
+            con.execute("DELETE FROM _engine_meta WHERE key = 'record_keys'")
+    with Engine.open(path) as engine:
+        assert count(engine, "_record_keys") == 2  # the two records with an external_id
+        again = submit_one(engine, [record(external_id="t1", amount=9), record(external_id="t3")])
+        assert (again["successful_items"], again["skipped_items"]) == (1, 1)
+
+
+def test_a_shared_key_hash_is_a_candidate_never_a_conflict(engine):
+    # Make t1's stored key hash also the hash of t2's key, as an md5 collision would.
+    first = submit_one(engine, [record(external_id="t1")])
+    with engine._transaction() as con:
+        [(t1_key, t1_id)] = con.execute("SELECT key_hi, record_id FROM _record_keys").fetchall()
+        key_sql = RECORD_KEY_SQL.format(environment="?", data_stream_key="'bank'", external_id="'t2'")
+        [(t2_key,)] = con.execute(f"SELECT {key_sql}", [ENV]).fetchall()
+        con.execute("INSERT INTO _record_keys VALUES (?, ?)", [t2_key, t1_id])
+    assert t1_key != t2_key and first["successful_items"] == 1
+    summary = submit_one(engine, [record(external_id="t2"), record(external_id="t1")])
+    assert (summary["successful_items"], summary["skipped_items"]) == (1, 1)
+    assert [r["status"] for r in results(engine, summary["id"])] == ["successful", "skipped"]
 
 
 def test_same_external_id_in_another_stream_does_not_conflict(engine):

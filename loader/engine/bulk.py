@@ -25,7 +25,7 @@ from ..views import registered
 from .currencies import CURRENCIES_VIEW
 from .model import RECORD_COLUMNS, BulkSubmission, check_submissions, concat_records, conform_records
 from .queries import bulk_request_summaries
-from .schema import allocate_ids
+from .schema import RECORD_KEY_SQL, allocate_ids
 
 _INPUT_VIEW = "_submit_input"
 _OPTIONS_VIEW = "_submit_requests"
@@ -38,6 +38,7 @@ _OPTIONS_VIEW = "_submit_requests"
 _CHECKED = f"""
     SELECT
         r.pos, r.bulk_request_id, r."index", r.data_stream_key, r.external_id,
+        CASE WHEN r.external_id IS NOT NULL AND r.data_stream_key IS NOT NULL THEN {{RECORD_KEY}} END AS key_hi,
         upper(coalesce(r.currency, 'USD')) AS currency,
         CASE
             WHEN r.input_error IS NOT NULL THEN r.input_error
@@ -70,7 +71,8 @@ _CHECKED = f"""
     LEFT JOIN (SELECT DISTINCT key FROM data_streams WHERE environment = $environment) AS s
         ON s.key = r.data_stream_key
     LEFT JOIN {CURRENCIES_VIEW} AS c ON c.code = upper(coalesce(r.currency, 'USD'))
-"""
+""".replace("{RECORD_KEY}", RECORD_KEY_SQL.format(
+    environment="$environment", data_stream_key="r.data_stream_key", external_id="r.external_id"))
 
 # One row per applied input row: its status, error and record id. A valid
 # row with an external_id conflicts when its (stream, external_id) is taken
@@ -82,20 +84,29 @@ _OUTCOME = f"""
     CREATE OR REPLACE TEMP TABLE _outcome AS
     WITH checked AS ({_CHECKED}),
     claims AS (
-        SELECT data_stream_key, external_id, min(pos) AS first_pos, count(*) AS claim_count
+        SELECT data_stream_key, external_id, any_value(key_hi) AS key_hi, min(pos) AS first_pos,
+               count(*) AS claim_count
         FROM checked
         WHERE error IS NULL AND external_id IS NOT NULL
         GROUP BY data_stream_key, external_id
+    ),
+    held AS (
+        -- The records whose key hash matches a claim's, found through the 8-byte
+        -- hashes of _record_keys, then compared by their strings: a hash that
+        -- two keys share only adds a candidate, never a conflict.
+        SELECT r.data_stream_key, r.external_id
+        FROM records AS r
+        SEMI JOIN (
+            SELECT k.record_id AS id FROM _record_keys AS k SEMI JOIN claims AS c USING (key_hi)
+        ) AS m USING (id)
+        WHERE r.environment = $environment
     ),
     contested AS (
         -- records hold each (stream, external_id) at most once, so this join
         -- matches a claim at most once
         SELECT c.data_stream_key, c.external_id, c.first_pos, e.external_id IS NOT NULL AS taken
         FROM claims AS c
-        LEFT JOIN (
-            SELECT data_stream_key, external_id FROM records
-            WHERE environment = $environment AND external_id IS NOT NULL
-        ) AS e ON e.data_stream_key = c.data_stream_key AND e.external_id = c.external_id
+        LEFT JOIN held AS e ON e.data_stream_key = c.data_stream_key AND e.external_id = c.external_id
         WHERE c.claim_count > 1 OR e.external_id IS NOT NULL
     ),
     decided AS (
@@ -106,7 +117,7 @@ _OUTCOME = f"""
             ON k.data_stream_key = c.data_stream_key AND k.external_id = c.external_id
     )
     SELECT
-        d.pos, d.bulk_request_id, d."index", d.currency,
+        d.pos, d.bulk_request_id, d."index", d.currency, d.key_hi,
         CASE
             WHEN d.error IS NOT NULL THEN 'failed'
             WHEN NOT d.conflict THEN 'successful'
@@ -133,6 +144,11 @@ _INSERT_RECORDS = """
     FROM {rows} AS r
     JOIN _outcome AS o ON o.pos = r.pos
     WHERE o.status = 'successful'
+"""
+
+_INSERT_KEYS = """
+    INSERT INTO _record_keys
+    SELECT key_hi, record_id FROM _outcome WHERE status = 'successful' AND key_hi IS NOT NULL
 """
 
 _INSERT_ITEMS = """
@@ -178,6 +194,7 @@ def apply_rows(
     params = {"environment": environment, "record_base": record_base}
     con.execute(_OUTCOME.replace("{rows}", rows), params)
     con.execute(_INSERT_RECORDS.replace("{rows}", rows), {"environment": environment, "now": now})
+    con.execute(_INSERT_KEYS)
     con.execute(_INSERT_ITEMS)
     con.execute(_UPDATE_COUNTERS, {"now": now})
     con.execute("DROP TABLE _outcome")

@@ -102,7 +102,21 @@ TABLES = {
         key VARCHAR NOT NULL,
         value VARCHAR NOT NULL
     """,
+    # One row per record with an external_id: the first 64 bits of the md5 of
+    # its environment, stream and external_id (RECORD_KEY_SQL). The conflict
+    # check scans these 8 bytes a record to find the few records a bulk request
+    # may collide with, instead of every record's strings: with random ids
+    # (UUIDs) that scan cost 0.25 s per 250k-row request on 4.9M records.
+    "_record_keys": """
+        key_hi UBIGINT NOT NULL,
+        record_id BIGINT NOT NULL
+    """,
 }
+
+# md5, not DuckDB's hash(): the keys are stored, and must mean the same to every DuckDB version.
+RECORD_KEY_SQL = (
+    "(md5_number(concat_ws(chr(31), {environment}, {data_stream_key}, {external_id})) >> 64)::UBIGINT"
+)
 
 ID_COUNTERS = ("data_streams", "bulk_requests", "records")
 
@@ -129,10 +143,21 @@ def create_schema(con: duckdb.DuckDBPyConnection, path: str) -> None:
                 f"{path} has engine schema version {rows[0][0]}, this loader knows version "
                 f"{SCHEMA_VERSION}: open it with the loader version that created it"
             )
+        _build_record_keys(con)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
+
+
+def _build_record_keys(con: duckdb.DuckDBPyConnection) -> None:
+    """Fill `_record_keys` once, for a file whose records were written before it existed."""
+    if con.execute("SELECT 1 FROM _engine_meta WHERE key = 'record_keys'").fetchall():
+        return
+    key = RECORD_KEY_SQL.format(environment="environment", data_stream_key="data_stream_key",
+                                external_id="external_id")
+    con.execute(f"INSERT INTO _record_keys SELECT {key}, id FROM records WHERE external_id IS NOT NULL")
+    con.execute("INSERT INTO _engine_meta VALUES ('record_keys', 'built')")
 
 
 def allocate_ids(con: duckdb.DuckDBPyConnection, table: str, count: int) -> int:

@@ -30,6 +30,11 @@ from .schema import RECORD_KEY_SQL, allocate_ids
 _INPUT_VIEW = "_submit_input"
 _OPTIONS_VIEW = "_submit_requests"
 
+# An input row's key hash, as _record_keys stores it (schema.RECORD_KEY_SQL).
+_RECORD_KEY = RECORD_KEY_SQL.format(
+    environment="$environment", data_stream_key="r.data_stream_key", external_id="r.external_id"
+)
+
 # Which rows fail and why. The first failing rule of a row is its error, in
 # the order of the record's fields; `input_error` (a JSON parser's verdict)
 # comes first. Conflicts are decided afterwards, among valid rows only.
@@ -38,7 +43,7 @@ _OPTIONS_VIEW = "_submit_requests"
 _CHECKED = f"""
     SELECT
         r.pos, r.bulk_request_id, r."index", r.data_stream_key, r.external_id,
-        CASE WHEN r.external_id IS NOT NULL AND r.data_stream_key IS NOT NULL THEN {{RECORD_KEY}} END AS key_hi,
+        CASE WHEN r.external_id IS NOT NULL AND r.data_stream_key IS NOT NULL THEN {_RECORD_KEY} END AS key_hi,
         upper(coalesce(r.currency, 'USD')) AS currency,
         CASE
             WHEN r.input_error IS NOT NULL THEN r.input_error
@@ -71,8 +76,7 @@ _CHECKED = f"""
     LEFT JOIN (SELECT DISTINCT key FROM data_streams WHERE environment = $environment) AS s
         ON s.key = r.data_stream_key
     LEFT JOIN {CURRENCIES_VIEW} AS c ON c.code = upper(coalesce(r.currency, 'USD'))
-""".replace("{RECORD_KEY}", RECORD_KEY_SQL.format(
-    environment="$environment", data_stream_key="r.data_stream_key", external_id="r.external_id"))
+"""
 
 # One row per applied input row: its status, error and record id. A valid
 # row with an external_id conflicts when its (stream, external_id) is taken
@@ -332,4 +336,3 @@ def _create_requests(
                 f'INSERT INTO _bulk_request_inputs SELECT bulk_request_id, "index", {columns} '
                 f"FROM {_INPUT_VIEW}"
             )
-

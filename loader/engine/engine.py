@@ -34,7 +34,6 @@ ROW_GROUP_ROWS = 122_880
 # DuckDB shares one database instance between the connections of a process,
 # and two transactions writing the same row conflict. So every Engine of the
 # same file in this process takes the same lock for each call.
-
 _locks_guard = threading.Lock()
 _locks: dict[str, threading.RLock] = {}
 

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import duckdb
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -353,11 +354,23 @@ def test_records_written_before_the_key_table_still_conflict(tmp_path):
         submit_one(engine, [record(external_id="t1", amount=1), record(external_id="t2"), record()])
         with engine._transaction() as con:
             con.execute("DELETE FROM _record_keys")
-            con.execute("DELETE FROM _engine_meta WHERE key = 'record_keys'")
     with Engine.open(path) as engine:
         assert count(engine, "_record_keys") == 2  # the two records with an external_id
         again = submit_one(engine, [record(external_id="t1", amount=9), record(external_id="t3")])
         assert (again["successful_items"], again["skipped_items"]) == (1, 1)
+
+
+def test_records_a_user_inserts_with_another_client_still_conflict(tmp_path):
+    path = tmp_path / "endclose.duckdb"
+    with Engine.open(path) as engine:
+        engine.ensure_streams(ENV, [{"key": "bank", "name": "Bank"}])
+        submit_one(engine, [record(external_id="t1")])
+    with duckdb.connect(str(path)) as con:  # the public table, written by hand
+        con.execute("INSERT INTO records SELECT id + 100, environment, data_stream_key, date, amount, currency, "
+                    "direction, description, 'by-hand', metadata, bulk_request_id, created_at FROM records")
+    with Engine.open(path) as engine:
+        summary = submit_one(engine, [record(external_id="by-hand"), record(external_id="t1"), record(external_id="t9")])
+        assert (summary["successful_items"], summary["skipped_items"]) == (1, 2)
 
 
 def test_a_shared_key_hash_is_a_candidate_never_a_conflict(engine):

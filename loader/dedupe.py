@@ -85,7 +85,7 @@ class SourceDeduper:
         self._file_numbers: dict[str, int] = {}
         # In memory (an insert costs a third of one into a file), spilling past 64 MB to a
         # folder of its own, so a source of any length keeps memory bounded.
-        self._spill = tempfile.mkdtemp(prefix=_spill_prefix(os.getpid()), dir=scratch_dir)
+        self._spill = tempfile.mkdtemp(prefix=f"{_host_prefix()}{os.getpid()}-", dir=scratch_dir)
         sweep_spill_folders(Path(self._spill).parent)
         self.con = duckdb.connect(":memory:", config={"memory_limit": "64MB", "temp_directory": self._spill})
         self.con.execute(
@@ -202,27 +202,23 @@ class SourceDeduper:
         shutil.rmtree(self._spill, ignore_errors=True)
 
 
-def _spill_prefix(pid: int) -> str:
-    # Host and process in the name (sweep_spill_folders reads them back): a folder whose process
-    # is gone can be told from one in use, also when partitions on several machines share it.
-    return f"loader-run-{socket.gethostname()}-{pid}-"
+def _host_prefix() -> str:
+    # A scratch folder is named for its host, then its process (`<this>-<pid>-<random>`): a folder
+    # whose process is gone can be told from one in use, also when several machines share the folder.
+    return f"loader-run-{socket.gethostname()}-"
 
 
-def sweep_spill_folders(folder: Path) -> list[Path]:
-    """Remove the scratch folders that runs on this host left when they were killed; return them.
+def sweep_spill_folders(folder: Path) -> None:
+    """Remove the scratch folders that runs on this host left when they were killed.
 
     A folder is removed only when its process is gone; folders of other hosts, of live
     processes and of older versions (no process in the name) are left alone.
     """
-    pattern = re.compile(re.escape(f"loader-run-{socket.gethostname()}-") + r"(\d+)-.+")
-    removed = []
+    pattern = re.compile(re.escape(_host_prefix()) + r"(\d+)-.+")
     for path in folder.glob("loader-run-*"):
         match = pattern.fullmatch(path.name)
-        if match is None or not path.is_dir() or _alive(int(match.group(1))):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
+        if match is not None and path.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

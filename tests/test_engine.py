@@ -151,7 +151,6 @@ def test_a_large_append_keeps_its_row_groups_and_every_row(tmp_path):
         ]
 
 
-
 def test_running_out_of_memory_says_so_and_which_setting_to_raise(tmp_path, monkeypatch):
     monkeypatch.setenv("LOADER_ENGINE_MEMORY_LIMIT", "4MB")
     with Engine.open(tmp_path / "endclose.duckdb") as engine:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import duckdb
@@ -105,6 +107,34 @@ def test_reopening_keeps_data_and_ids(tmp_path):
         second = submit_one(engine, [record()])
         assert second["id"] == first["id"] + 1
         assert len(engine.list_records(ENV, data_stream_key="bank")["data"]) == 2
+
+
+def test_reads_do_not_wait_for_a_write_in_progress(engine):
+    """A poll or a result page reads a snapshot while the worker's transaction is open."""
+    first = engine.get_bulk_request(ENV, submit_one(engine, [record(external_id="a")])["id"])
+    writing, written = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with engine._transaction() as con:
+            con.execute("UPDATE bulk_requests SET source = 'changing'")
+            writing.set()
+            written.wait(30)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert writing.wait(30)
+        with concurrent.futures.ThreadPoolExecutor(2) as readers:
+            # Each on a thread that never read before: its cursor is made while the write is open.
+            reads = [readers.submit(engine.get_bulk_request, ENV, first["id"]) for _ in range(2)]
+            done, _ = concurrent.futures.wait(reads, timeout=30)
+            assert done == set(reads), "a read waited for the open write"
+            assert {read.result()["status"] for read in reads} == {"completed"}
+            assert {read.result()["source"] for read in reads} == {first["source"]}  # not the uncommitted one
+    finally:
+        written.set()
+        writer.join()
+    assert engine.get_bulk_request(ENV, first["id"])["source"] == "changing"
 
 
 

@@ -76,3 +76,30 @@ def test_idempotency_keys_follow_content_environment_and_on_conflict(tmp_path):
     assert keys(valid_rows(["A", "B", "C"], amount=101)) != base
     assert keys(valid_rows(["A", "B", "C"]), on_conflict="error") != base
     assert keys(valid_rows(["A", "B", "C"]), target="local:y#default") != base
+
+
+def test_scratch_tables_moved_to_a_file_keep_every_key_seen(tmp_path, monkeypatch):
+    monkeypatch.setattr("loader.dedupe.MOVE_TO_FILE_ROWS", 3)
+    deduper = SourceDeduper("local:x#default", scratch_dir=tmp_path)
+    first = deduper.split(valid_rows(["A", "B", None]))
+    assert not deduper.in_file  # 2 ids and 1 content count held
+    second = deduper.split(valid_rows(["C", "A", None], file="b.csv"))
+    assert deduper.in_file
+    [folder] = tmp_path.glob("loader-run-*")
+    assert (folder / "scratch.duckdb").is_file()
+    third = deduper.split(valid_rows(["B", "C", "D", None], file="c.csv"))
+    deduper.close()
+    assert not folder.exists()
+    assert second.duplicates["reason"].to_list() == ["same data_stream_key and external_id as a.csv row 0"]
+    assert third.unique["external_id"].to_list() == ["D", None]
+    assert third.duplicates["reason"].to_list() == [
+        "same data_stream_key and external_id as a.csv row 1",
+        "same data_stream_key and external_id as b.csv row 0",
+    ]
+    # The id-less rows are the first, second and third of their kind, as without the move.
+    idless = [part.unique.filter(pl.col("external_id").is_null()).select(KEY) for part in (first, second, third)]
+    (tmp_path / "other").mkdir()
+    memory_only = SourceDeduper("local:x#default", scratch_dir=tmp_path / "other")
+    expected = [memory_only.split(valid_rows([None], start=n)).unique.select(KEY) for n in range(3)]
+    memory_only.close()
+    assert pl.concat(idless).equals(pl.concat(expected))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, date, datetime
+import time
+from datetime import UTC, date, datetime, timedelta
 from itertools import pairwise
 
 import duckdb
@@ -23,7 +24,7 @@ from loader.engine.normalize import normalize_json_records
 from loader.errors import AuthenticationError, RetryableTargetError, TerminalTargetError
 from loader.run import Run, run_pipeline, settings_from_pipeline
 from loader.source import Source, SourceSpec
-from loader.targets.http import HttpTarget
+from loader.targets.http import POLL_FIRST_WAIT, POLL_MAX_WAIT, HttpTarget, PollPace
 from loader.targets.http_client import ApiClient
 from loader.targets.http_retry import RetryPolicy, retry_after_seconds
 
@@ -163,6 +164,71 @@ def test_retry_after_reads_seconds_and_dates():
     assert retry_after_seconds("2") == 2.0
     assert retry_after_seconds("Mon, 01 Jan 2024 12:00:05 GMT", now=now) == 5.0
     assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+
+
+def _bulk_api(post_status: str, rows: int) -> tuple[httpx.MockTransport, list[tuple[float, str]]]:
+    """An API whose bulk request is answered `post_status` and is completed when polled."""
+    seen: list[tuple[float, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((time.monotonic(), f"{request.method} {request.url.path}"))
+        if request.method == "POST":
+            return httpx.Response(202, json={"id": 7, "status": post_status, "total_items": rows,
+                                             "url": "/v1/bulk_requests/7"})
+        offset = int(request.url.params.get("offset", 0))
+        data = [{"index": i, "status": "successful", "record_id": 100 + i}
+                for i in range(offset, min(rows, offset + int(request.url.params["limit"])))]
+        return httpx.Response(200, json={"id": 7, "status": "completed", "total_items": rows, "results": {
+            "data": data, "has_more": offset + len(data) < rows, "offset": offset}})
+
+    return httpx.MockTransport(handler), seen
+
+
+def test_a_request_answered_pending_is_first_polled_after_a_wait_not_at_once():
+    transport, seen = _bulk_api("pending", rows=3)
+    target = HttpTarget("http://api.test/v1", SECRET, transport=transport)
+    target._prepared = True
+    result = target.send(chunks_for(target, mapped_rows(3, "W"), 3), on_conflict="skip")
+    target.close()
+    assert [what for _, what in seen] == ["POST /v1/records/bulk", "GET /v1/bulk_requests/7"]
+    assert seen[1][0] - seen[0][0] >= POLL_FIRST_WAIT
+    assert result.items["record_id"].to_list() == [100, 101, 102]
+    assert not result.requests["preexisting"].any()
+
+
+def test_a_request_answered_completed_is_read_without_polling():
+    """An Idempotency-Key replay of a finished request: its result pages are all that is read."""
+    transport, seen = _bulk_api("completed", rows=250)
+    target = HttpTarget("http://api.test/v1", SECRET, transport=transport)
+    target._prepared = True
+    result = target.send(chunks_for(target, mapped_rows(250, "F"), 1000), on_conflict="skip")
+    target.close()
+    assert [what for _, what in seen] == ["POST /v1/records/bulk"] + ["GET /v1/bulk_requests/7"] * 2
+    assert result.items["index"].to_list() == list(range(250))
+    assert result.requests["preexisting"].all()
+
+
+def test_the_first_poll_waits_about_as_long_as_recent_requests_took():
+    def took(milliseconds: int) -> dict:
+        """A final bulk request as the API shows it, `milliseconds` from creation to completion."""
+        created = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
+        completed = created + timedelta(milliseconds=milliseconds)
+        return {"status": "completed", "created_at": created.isoformat(),
+                "completed_at": completed.isoformat().replace("+00:00", "Z")}
+
+    pace = PollPace()
+    assert pace.first_wait() == POLL_FIRST_WAIT  # nothing seen yet
+    for milliseconds in (300, 320, 280, 350, 310, 290, 900, 330):
+        pace.record(took(milliseconds))
+    assert pace.first_wait() == pytest.approx(0.32)  # the median: a slow request does not set the pace
+    pace.record({"status": "completed", "completed_at": None})  # no times: nothing learnt
+    assert pace.first_wait() == pytest.approx(0.32)
+    for _ in range(PollPace.RECENT):
+        pace.record(took(10))  # the queue emptied: only recent requests count, and never below the floor
+    assert pace.first_wait() == POLL_FIRST_WAIT
+    for _ in range(PollPace.RECENT):
+        pace.record(took(60_000))
+    assert pace.first_wait() == POLL_MAX_WAIT
 
 
 # -- end to end against a real `loader serve` ------------------------------------------------

@@ -552,6 +552,38 @@ def test_process_pending_takes_oldest_first_or_the_given_ids(engine):
     assert statuses == ["skipped", "skipped", "successful"]
 
 
+def test_requests_processed_together_keep_their_order_and_resume_where_they_stopped(engine):
+    same = engine.submit(ENV, [submission([record(external_id="same")]) for _ in range(3)], process=False)
+    ids = [s["id"] for s in same]
+    assert engine.process_together([ids[2], ids[0], 999, ids[1]]) == [ids[2], ids[0], ids[1]]
+    statuses = [results(engine, i)[0]["status"] for i in ids]
+    assert statuses == ["skipped", "skipped", "successful"]  # the first of the given order wins
+
+    [halfway] = engine.submit(ENV, [submission([record(external_id=f"h{n}") for n in range(5)])], process=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(bulk_request_id, applied):
+        raise Stop  # the worker stopped after the first committed slice
+
+    with pytest.raises(Stop):
+        engine.process_pending([halfway["id"]], slice_rows=2, on_slice=stop)
+    assert engine.get_bulk_request(ENV, halfway["id"])["processed_items"] == 2
+    [lost] = engine.submit(ENV, [submission([record(external_id="lost")])], process=False)
+    with engine._transaction() as con:
+        con.execute("DELETE FROM _bulk_request_inputs WHERE bulk_request_id = ?", [lost["id"]])
+    applied = []
+    engine.process_together([halfway["id"], lost["id"]], on_slice=lambda i, n: applied.append((i, n)))
+    assert applied == [(halfway["id"], 3)]
+    finished = engine.get_bulk_request(ENV, halfway["id"])
+    assert (finished["status"], finished["successful_items"]) == ("completed", 5)
+    assert [r["index"] for r in results(engine, halfway["id"])] == [0, 1, 2, 3, 4]
+    failed = engine.get_bulk_request(ENV, lost["id"])
+    assert failed["status"] == "failed" and "no stored input" in failed["error_message"]
+    assert count(engine, "_bulk_request_inputs") == 0
+
+
 def test_a_request_left_processing_is_resumed_only_when_named(engine):
     [summary] = engine.submit(ENV, [submission([record()] * 3)], process=False)
     with engine._transaction() as con:  # a worker that died after starting it
@@ -826,7 +858,7 @@ def test_one_submit_of_n_requests_equals_n_submits_one_by_one(requests, existing
     subs = [submission(rows, on_conflict=on_conflict, idempotency_key=key) for rows, on_conflict, key in requests]
     with tempfile.TemporaryDirectory() as folder:
         snapshots, answers = [], []
-        for mode in ("together", "one_by_one", "pending"):
+        for mode in ("together", "one_by_one", "pending", "queued_together"):
             with Engine.open(Path(folder) / f"{mode}.duckdb") as engine:
                 engine.ensure_streams(ENV, [{"key": "bank", "name": "Bank"}, {"key": "card", "name": "Card"}])
                 if existing:
@@ -837,18 +869,21 @@ def test_one_submit_of_n_requests_equals_n_submits_one_by_one(requests, existing
                     answer = [engine.submit(ENV, [s])[0] for s in subs]
                 else:
                     pending = engine.submit(ENV, subs, process=False)
-                    engine.process_pending(slice_rows=2)
+                    if mode == "pending":
+                        engine.process_pending(slice_rows=2)
+                    else:  # the server's worker, for requests queued while it was busy
+                        engine.process_together([s["id"] for s in pending])
                     answer = [engine.get_bulk_request(ENV, s["id"]) for s in pending]
                     answer = [{k: s[k] for k in pending[0]} for s in answer]
                 snapshots.append(_snapshot(engine))
                 answers.append(answer)
-    assert answers[0] == answers[1] == answers[2]
+    assert answers[0] == answers[1] == answers[2] == answers[3]
     assert snapshots[0] == snapshots[1]
     # the worker's slices hand out record ids differently; everything else is the same
     ids_free = [{**s, "records": [r[1:] for r in s["records"]],
                  "bulk_request_items": [(*i[:3], i[3] is not None, i[4]) for i in s["bulk_request_items"]]}
                 for s in snapshots]
-    assert ids_free[0] == ids_free[2]
+    assert ids_free[0] == ids_free[2] == ids_free[3]
     for summary in answers[0]:
         assert summary["total_items"] == (
             summary["successful_items"] + summary["failed_items"] + summary["skipped_items"]

@@ -506,7 +506,8 @@ def test_a_wrong_key_exits_3_with_a_clear_message_and_never_shows_the_key(tmp_pa
 
 
 def test_a_poll_that_never_ends_within_poll_timeout_exits_3(tmp_path):
-    # A backlog the server's single worker applies first: our request stays pending for seconds.
+    # A backlog the server's single worker applies first (queued requests go ten at a time, 6 ms
+    # each here): our request stays pending for seconds.
     database = tmp_path / "server" / "serve.duckdb"
     backlog = [{"date": "2024-01-01", "data_stream_key": "ops", "amount": 1, "external_id": f"B{n}"}
                for n in range(1000)]
@@ -514,7 +515,7 @@ def test_a_poll_that_never_ends_within_poll_timeout_exits_3(tmp_path):
         engine.ensure_environment("default")
         engine.ensure_streams("default", [{"key": "ops", "name": "Ops"}])
         table = normalize_json_records(json.dumps(backlog))
-        engine.submit("default", [BulkSubmission(records=table, idempotency_key=f"backlog-{n}") for n in range(150)],
+        engine.submit("default", [BulkSubmission(records=table, idempotency_key=f"backlog-{n}") for n in range(1000)],
                       process=False)
     with serving(tmp_path / "server") as server:
         path = write_pipeline(tmp_path, ROWS[:3], target=api_target(server, poll_timeout_seconds=0.3))

@@ -226,6 +226,28 @@ def test_a_big_request_is_seen_processing_with_progress(tmp_path):
         assert (done["status"], done["successful_items"]) == ("completed", 1000)
 
 
+def test_requests_queued_while_the_worker_is_busy_are_applied_together_in_order(tmp_path):
+    gate = SliceGate()
+    app = create_app(tmp_path / "engine.duckdb", {KEY: "default"}, slice_rows=100, on_slice=gate)
+    with in_process(app) as url, api(url) as client:
+        try:
+            make_stream(client, "q")
+            busy = submit(client, rows("q", 300, prefix="busy"))
+            assert gate.reached.wait(POLL_TIMEOUT), "the worker never committed a slice"
+            # Queued behind it: the second repeats the first's id a0, the first one sent wins it.
+            queued = [submit(client, rows("q", 2, prefix="a")), submit(client, rows("q", 1, prefix="a")),
+                      submit(client, rows("q", 3, prefix="c"))]
+        finally:
+            gate.release.set()
+        done = [poll(client, f"/bulk_requests/{q['id']}", settled) for q in queued]
+        before = client.get(f"/bulk_requests/{busy['id']}").json()
+    assert [d["status"] for d in done] == ["completed"] * 3
+    assert [(d["successful_items"], d["skipped_items"]) for d in done] == [(2, 0), (0, 1), (3, 0)]
+    # One step: one transaction, one time of completion, after the request that was running.
+    assert len({d["completed_at"] for d in done}) == 1
+    assert before["status"] == "completed" and done[0]["completed_at"] > before["completed_at"]
+
+
 def test_cancel_a_processing_and_a_pending_request_then_409(tmp_path):
     gate = SliceGate()
     app = create_app(tmp_path / "engine.duckdb", {KEY: "default"}, slice_rows=100, on_slice=gate)

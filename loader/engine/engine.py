@@ -295,6 +295,29 @@ class Engine:
                     break
         return worked
 
+    def process_together(
+        self, bulk_request_ids: Sequence[int], *, on_slice: Callable[[int, int], None] | None = None
+    ) -> list[int]:
+        """Process several pending requests in one step (one transaction), in the given order.
+
+        Gives what `process_pending` gives one request after another, for the fixed cost of one
+        step: the server's worker uses it for requests queued while it was busy. A request that
+        cannot finish this way (its inputs missing) stays processing; `process_pending` settles
+        it. Returns the ids this call started.
+        """
+        with self._transaction() as con:
+            now = utc_now()
+            started = [i for i in lifecycle.runnable_ids(con, bulk_request_ids) if lifecycle.start(con, i, now)]
+            applied = lifecycle.process_together(con, started, now) if started else {}
+            unfinished = lifecycle.runnable_ids(con, started) if started else []
+        if on_slice is not None:
+            for bulk_request_id in started:
+                if applied.get(bulk_request_id):
+                    on_slice(bulk_request_id, applied[bulk_request_id])
+        if unfinished:
+            self.process_pending(unfinished, on_slice=on_slice)
+        return started
+
     def existing_idempotency_keys(self, environment: str, keys: Sequence[str]) -> list[str]:
         """Which of these Idempotency-Keys already name a bulk request of the environment."""
         with self._snapshot() as con:

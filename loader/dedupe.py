@@ -33,7 +33,7 @@ import polars as pl
 
 from .hashing import md5_halves, short_tag
 from .source import SOURCE_FILE, SOURCE_ROW
-from .views import registered
+from .views import registered, sql_text
 
 KEY = ["key_hi", "key_lo"]
 CONTENT = ["content_hi", "content_lo"]
@@ -224,7 +224,7 @@ class SourceDeduper:
 
     def _move_to_file(self) -> None:
         path = Path(self._spill) / "scratch.duckdb"
-        self.con.execute(f"attach '{_sql_text(str(path))}' as scratch")
+        self.con.execute(f"attach '{sql_text(str(path))}' as scratch")
         # One statement each: a DuckDB transaction writes to one database only. A failure
         # half-way fails the run, which then removes the whole folder.
         for table in ("seen_ids", "content_counts"):
@@ -235,10 +235,6 @@ class SourceDeduper:
     def close(self) -> None:
         self.con.close()
         shutil.rmtree(self._spill, ignore_errors=True)
-
-
-def _sql_text(text: str) -> str:
-    return text.replace("'", "''")
 
 
 def _host_prefix() -> str:

@@ -25,6 +25,7 @@ import polars as pl
 import pyarrow as pa
 
 from .errors import ConfigError, SourceError
+from .views import sql_text
 
 SOURCE_FILE = "source_file"
 SOURCE_ROW = "source_row"
@@ -89,7 +90,7 @@ class Source:
         self.file_rows: dict[str, int] = {}
         self._tmp_files: list[str] = []
         self._con = duckdb.connect()
-        self._con.execute(f"SET file_search_path = '{_sql_quote(str(spec.base_dir))}'")
+        self._con.execute(f"SET file_search_path = '{sql_text(str(spec.base_dir))}'")
         self.columns = self._check()
 
     # -- planning ---------------------------------------------------------
@@ -331,10 +332,6 @@ def _mapped_columns(mapping: Any) -> list[str]:
             if isinstance(name, str) and name not in names:
                 names.append(name)
     return names
-
-
-def _sql_quote(text: str) -> str:
-    return text.replace("'", "''")
 
 
 def _duckdb_message(exc: BaseException) -> str:

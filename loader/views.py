@@ -1,4 +1,5 @@
-"""Arrow data as a named view of a DuckDB connection, for the length of a `with` block."""
+"""Values into DuckDB's SQL text: Arrow data as a named view for the length of a `with` block,
+and text as a quoted literal (where DuckDB takes no parameter, as in ATTACH or SET)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,8 @@ def registered(con: duckdb.DuckDBPyConnection, name: str, data: Any) -> Iterator
             con.unregister(name)
         raise
     con.unregister(name)
+
+
+def sql_text(text: str) -> str:
+    """`text` as the inside of a single-quoted SQL string literal."""
+    return text.replace("'", "''")

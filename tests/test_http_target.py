@@ -184,12 +184,18 @@ def _bulk_api(post_status: str, rows: int) -> tuple[httpx.MockTransport, list[tu
     return httpx.MockTransport(handler), seen
 
 
+def _send_one_request(transport: httpx.MockTransport, rows: int):
+    target = HttpTarget("http://api.test/v1", SECRET, transport=transport)
+    target._prepared = True  # no GET /data_streams first: the transport answers bulk requests only
+    try:
+        return target.send(chunks_for(target, mapped_rows(rows, "W"), 1000), on_conflict="skip")
+    finally:
+        target.close()
+
+
 def test_a_request_answered_pending_is_first_polled_after_a_wait_not_at_once():
     transport, seen = _bulk_api("pending", rows=3)
-    target = HttpTarget("http://api.test/v1", SECRET, transport=transport)
-    target._prepared = True
-    result = target.send(chunks_for(target, mapped_rows(3, "W"), 3), on_conflict="skip")
-    target.close()
+    result = _send_one_request(transport, 3)
     assert [what for _, what in seen] == ["POST /v1/records/bulk", "GET /v1/bulk_requests/7"]
     assert seen[1][0] - seen[0][0] >= POLL_FIRST_WAIT
     assert result.items["record_id"].to_list() == [100, 101, 102]
@@ -199,10 +205,7 @@ def test_a_request_answered_pending_is_first_polled_after_a_wait_not_at_once():
 def test_a_request_answered_completed_is_read_without_polling():
     """An Idempotency-Key replay of a finished request: its result pages are all that is read."""
     transport, seen = _bulk_api("completed", rows=250)
-    target = HttpTarget("http://api.test/v1", SECRET, transport=transport)
-    target._prepared = True
-    result = target.send(chunks_for(target, mapped_rows(250, "F"), 1000), on_conflict="skip")
-    target.close()
+    result = _send_one_request(transport, 250)
     assert [what for _, what in seen] == ["POST /v1/records/bulk"] + ["GET /v1/bulk_requests/7"] * 2
     assert result.items["index"].to_list() == list(range(250))
     assert result.requests["preexisting"].all()

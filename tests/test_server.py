@@ -208,10 +208,21 @@ def test_bulk_create_is_processed_and_results_are_paginated(client):
     assert client.get(path).json()["results"]["data"].__len__() == 50  # default limit
 
 
-def test_a_big_request_is_seen_processing_with_progress(tmp_path):
+@contextmanager
+def gated_worker(tmp_path) -> Iterator[tuple[httpx.Client, SliceGate]]:
+    """A served engine whose worker applies 100 rows a slice and waits at the gate after each;
+    the gate opens when the block ends, if the test has not opened it."""
     gate = SliceGate()
     app = create_app(tmp_path / "engine.duckdb", {KEY: "default"}, slice_rows=100, on_slice=gate)
     with in_process(app) as url, api(url) as client:
+        try:
+            yield client, gate
+        finally:
+            gate.release.set()
+
+
+def test_a_big_request_is_seen_processing_with_progress(tmp_path):
+    with gated_worker(tmp_path) as (client, gate):
         try:
             make_stream(client, "big")
             summary = submit(client, rows("big", 1000))
@@ -227,9 +238,7 @@ def test_a_big_request_is_seen_processing_with_progress(tmp_path):
 
 
 def test_requests_queued_while_the_worker_is_busy_are_applied_together_in_order(tmp_path):
-    gate = SliceGate()
-    app = create_app(tmp_path / "engine.duckdb", {KEY: "default"}, slice_rows=100, on_slice=gate)
-    with in_process(app) as url, api(url) as client:
+    with gated_worker(tmp_path) as (client, gate):
         try:
             make_stream(client, "q")
             busy = submit(client, rows("q", 300, prefix="busy"))
@@ -249,9 +258,7 @@ def test_requests_queued_while_the_worker_is_busy_are_applied_together_in_order(
 
 
 def test_cancel_a_processing_and_a_pending_request_then_409(tmp_path):
-    gate = SliceGate()
-    app = create_app(tmp_path / "engine.duckdb", {KEY: "default"}, slice_rows=100, on_slice=gate)
-    with in_process(app) as url, api(url) as client:
+    with gated_worker(tmp_path) as (client, gate):
         try:
             make_stream(client, "c")
             running = submit(client, rows("c", 300, prefix="a"))

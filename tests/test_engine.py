@@ -137,7 +137,6 @@ def test_reads_do_not_wait_for_a_write_in_progress(engine):
     assert engine.get_bulk_request(ENV, first["id"])["source"] == "changing"
 
 
-
 def _row_groups(path: Path) -> int:
     with Engine.open(path, read_only=True) as engine, engine._snapshot() as con:
         [(groups,)] = con.execute(

@@ -118,7 +118,7 @@ def process_together(con: duckdb.DuckDBPyConnection, bulk_request_ids: Sequence[
     fixed cost of one step. A request left unfinished (its inputs missing) stays processing for
     `process_slice` to settle.
     """
-    ids = [int(i) for i in bulk_request_ids]
+    ids = list(dict.fromkeys(int(i) for i in bulk_request_ids))  # a request named twice runs once
     applied: dict[int, int] = {}
     environments = con.execute(
         "SELECT environment, list(id) FROM bulk_requests WHERE list_contains($ids, id) AND status = 'processing' "
@@ -126,7 +126,8 @@ def process_together(con: duckdb.DuckDBPyConnection, bulk_request_ids: Sequence[
         {"ids": ids},
     ).fetchall()
     for environment, members in environments:
-        ordered = [i for i in ids if i in set(members)]
+        in_environment = set(members)
+        ordered = [i for i in ids if i in in_environment]
         # Each request's rows past processed_items, in index order (as process_slice takes them),
         # numbered across the requests in the given order.
         con.execute(

@@ -137,6 +137,34 @@ def test_reads_do_not_wait_for_a_write_in_progress(engine):
     assert engine.get_bulk_request(ENV, first["id"])["source"] == "changing"
 
 
+def test_closing_waits_for_the_reads_running_and_refuses_later_ones(tmp_path):
+    engine = Engine.open(tmp_path / "endclose.duckdb")
+    engine.ensure_streams(ENV, [{"key": "bank", "name": "Bank"}])
+    [summary] = engine.submit(ENV, [submission([record(external_id="a")])])
+    reading, read_done = threading.Event(), threading.Event()
+    seen = []
+
+    def read() -> None:
+        with engine._snapshot() as con:
+            reading.set()
+            read_done.wait(30)
+            seen.append(con.execute("SELECT count(*) FROM records").fetchall())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert reading.wait(30)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        closing = pool.submit(engine.close)
+        # Closing under a read would fail it (or the close, mid-query): the close waits for it.
+        assert concurrent.futures.wait([closing], timeout=0.5).not_done == {closing}
+        read_done.set()
+        reader.join()
+        closing.result(timeout=30)  # closed without an error
+    assert seen == [[(1,)]]
+    with pytest.raises(TerminalTargetError, match="closed"):
+        engine.get_bulk_request(ENV, summary["id"])
+
+
 def _row_groups(path: Path) -> int:
     with Engine.open(path, read_only=True) as engine, engine._snapshot() as con:
         [(groups,)] = con.execute(

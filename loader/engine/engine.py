@@ -59,7 +59,10 @@ class Engine:
         self._lock = _lock_for(path)
         self._readers = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
-        self._cursors_lock = threading.Lock()  # the readers' cursors, apart from the writer's lock
+        # The readers' cursors and how many reads are running, apart from the writer's lock.
+        self._reads = threading.Condition()
+        self._reading = 0
+        self._closing = False
         self._records_at_open = 0 if read_only else _record_count(connection)
 
     # -- opening and transactions --------------------------------------------------------
@@ -103,10 +106,13 @@ class Engine:
         return cls(connection, path, read_only=read_only)
 
     def close(self) -> None:
-        """Close the database file (idempotent)."""
+        """Close the database file (idempotent), once the reads running finish; later ones fail."""
         with self._lock:
             if self._con is not None:
-                with self._cursors_lock:
+                with self._reads:
+                    # DuckDB refuses to close a cursor in the middle of a query.
+                    self._closing = True
+                    self._reads.wait_for(lambda: self._reading == 0)
                     for cursor in self._cursors:
                         cursor.close()
                     self._cursors.clear()
@@ -169,8 +175,8 @@ class Engine:
         The writer's lock is not taken: a write holds it for its whole transaction
         (40 ms for a 1000-row request), and every poll and result page would wait for it.
         """
+        cursor = self._begin_read()
         try:
-            cursor = self._reader_cursor()
             cursor.execute("BEGIN TRANSACTION")
             try:
                 yield cursor
@@ -178,22 +184,30 @@ class Engine:
                 cursor.execute("ROLLBACK")  # nothing was written; end the snapshot
         except duckdb.Error as error:
             raise TerminalTargetError(f"{self.path}: local database error: {_explained(error)}") from None
+        finally:
+            with self._reads:
+                self._reading -= 1
+                self._reads.notify_all()
 
-    def _reader_cursor(self) -> duckdb.DuckDBPyConnection:
-        """This thread's cursor on the open connection, made on first use."""
-        con = self._con
-        if con is None:
-            raise TerminalTargetError(f"{self.path}: the engine is closed")
-        if getattr(self._readers, "owner", None) is con:
-            return self._readers.cursor
-        with self._cursors_lock:
-            # A cursor is a connection of its own to the same database: making one does not
-            # touch the writer's transaction. A cursor closed under a reader (the engine
-            # closing) fails its query with a duckdb.Error, which _snapshot reports.
-            cursor = con.cursor()
-            cursor.register(CURRENCIES_VIEW, currency_table())
-            self._cursors.append(cursor)
-        self._readers.cursor, self._readers.owner = cursor, con
+    def _begin_read(self) -> duckdb.DuckDBPyConnection:
+        """Count a read in, on this thread's cursor (made on first use); closed: TerminalTargetError."""
+        with self._reads:
+            con = self._con
+            if con is None or self._closing:
+                raise TerminalTargetError(f"{self.path}: the engine is closed")
+            if getattr(self._readers, "owner", None) is con:
+                cursor = self._readers.cursor
+            else:
+                # A cursor is a connection of its own to the same database: making one does
+                # not touch the writer's transaction.
+                try:
+                    cursor = con.cursor()
+                    cursor.register(CURRENCIES_VIEW, currency_table())
+                except duckdb.Error as error:
+                    raise TerminalTargetError(f"{self.path}: local database error: {_explained(error)}") from None
+                self._cursors.append(cursor)
+                self._readers.cursor, self._readers.owner = cursor, con
+            self._reading += 1
         return cursor
 
     # -- environments and data streams -----------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from datetime import UTC, date, datetime, timedelta
 from itertools import pairwise
@@ -209,6 +210,22 @@ def test_a_request_answered_completed_is_read_without_polling():
     assert [what for _, what in seen] == ["POST /v1/records/bulk"] + ["GET /v1/bulk_requests/7"] * 2
     assert result.items["index"].to_list() == list(range(250))
     assert result.requests["preexisting"].all()
+
+
+def test_the_first_wait_counts_within_poll_timeout_seconds():
+    polls = []
+
+    def pending(request: httpx.Request) -> httpx.Response:
+        polls.append(request.url.path)
+        return httpx.Response(200, json={"id": 7, "status": "pending", "total_items": 1})
+
+    target = HttpTarget("http://api.test/v1", SECRET, poll_timeout_seconds=0.3, transport=httpx.MockTransport(pending))
+    with pytest.raises(RetryableTargetError, match="poll_timeout_seconds"):
+        # A pace of 0.5 s (requests were slow) is longer than the whole timeout: one poll, then give up.
+        target._wait_until_final("http://api.test/v1/bulk_requests/7", 7, {"chunk": 0}, threading.Event(),
+                                 first_wait=0.5)
+    target.close()
+    assert polls == ["/v1/bulk_requests/7"]
 
 
 def test_the_first_poll_waits_about_as_long_as_recent_requests_took():

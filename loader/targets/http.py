@@ -324,7 +324,8 @@ class HttpTarget:
         polling = Retrying(
             retry=retry_if_result(lambda request: request.get("status") not in FINAL_STATUSES),
             wait=wait_exponential(multiplier=POLL_FIRST_WAIT, max=POLL_MAX_WAIT),
-            stop=stop_after_delay(self.poll_timeout_seconds) | stop_when_event_set(abort),
+            # The first wait counts: poll_timeout_seconds bounds the whole wait for the request.
+            stop=stop_after_delay(max(0.0, self.poll_timeout_seconds - first_wait)) | stop_when_event_set(abort),
             sleep=abort.wait,  # real time: the server needs it; an abort cuts it short
         )
 

@@ -166,7 +166,7 @@ class Engine:
                     raise
                 con.execute("COMMIT")
             except duckdb.Error as error:
-                raise TerminalTargetError(f"{self.path}: local database error: {_explained(error)}") from None
+                raise self._database_error(error) from None
 
     @contextmanager
     def _snapshot(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -183,11 +183,14 @@ class Engine:
             finally:
                 cursor.execute("ROLLBACK")  # nothing was written; end the snapshot
         except duckdb.Error as error:
-            raise TerminalTargetError(f"{self.path}: local database error: {_explained(error)}") from None
+            raise self._database_error(error) from None
         finally:
             with self._reads:
                 self._reading -= 1
                 self._reads.notify_all()
+
+    def _database_error(self, error: duckdb.Error) -> TerminalTargetError:
+        return TerminalTargetError(f"{self.path}: local database error: {_explained(error)}")
 
     def _begin_read(self) -> duckdb.DuckDBPyConnection:
         """Count a read in, on this thread's cursor (made on first use); closed: TerminalTargetError."""
@@ -204,7 +207,7 @@ class Engine:
                     cursor = con.cursor()
                     cursor.register(CURRENCIES_VIEW, currency_table())
                 except duckdb.Error as error:
-                    raise TerminalTargetError(f"{self.path}: local database error: {_explained(error)}") from None
+                    raise self._database_error(error) from None
                 self._cursors.append(cursor)
                 self._readers.cursor, self._readers.owner = cursor, con
             self._reading += 1

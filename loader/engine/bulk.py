@@ -82,27 +82,38 @@ _CHECKED = f"""
 # row with an external_id conflicts when its (stream, external_id) is taken
 # by an existing record of the environment, or by a valid row before it in
 # this application: the same outcome as applying the rows one by one.
-# (A GROUP BY of the keys, then a join against the few contested keys, costs
-# a quarter of a window function partitioned by key.)
+# Claims are told apart by their 8-byte key hash first: a hash claimed once
+# in this application and held by no record cannot conflict. Only the rows
+# whose hash is claimed twice, or held already, are compared by their
+# strings, so a hash that two keys share only adds a candidate, never a
+# conflict. (Grouping every row by its two strings took 4x as long.)
 _OUTCOME = f"""
     CREATE OR REPLACE TEMP TABLE _outcome AS
     WITH checked AS ({_CHECKED}),
-    claims AS (
-        SELECT data_stream_key, external_id, any_value(key_hi) AS key_hi, min(pos) AS first_pos,
-               count(*) AS claim_count
+    hashes AS (
+        SELECT key_hi, count(*) AS claim_count
         FROM checked
-        WHERE error IS NULL AND external_id IS NOT NULL
-        GROUP BY data_stream_key, external_id
+        WHERE error IS NULL AND key_hi IS NOT NULL
+        GROUP BY key_hi
+    ),
+    held_hashes AS (
+        SELECT k.key_hi, k.record_id FROM _record_keys AS k SEMI JOIN hashes AS h USING (key_hi)
+    ),
+    suspect AS (
+        SELECT key_hi FROM hashes WHERE claim_count > 1
+        UNION
+        SELECT key_hi FROM held_hashes
+    ),
+    claims AS (
+        SELECT c.data_stream_key, c.external_id, min(c.pos) AS first_pos, count(*) AS claim_count
+        FROM checked AS c SEMI JOIN suspect AS s USING (key_hi)
+        WHERE c.error IS NULL
+        GROUP BY c.data_stream_key, c.external_id
     ),
     held AS (
-        -- The records whose key hash matches a claim's, found through the 8-byte
-        -- hashes of _record_keys, then compared by their strings: a hash that
-        -- two keys share only adds a candidate, never a conflict.
         SELECT r.data_stream_key, r.external_id
         FROM records AS r
-        SEMI JOIN (
-            SELECT k.record_id AS id FROM _record_keys AS k SEMI JOIN claims AS c USING (key_hi)
-        ) AS m USING (id)
+        SEMI JOIN held_hashes AS m ON m.record_id = r.id
         WHERE r.environment = $environment
     ),
     contested AS (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import polars as pl
 import pytest
 
@@ -23,9 +25,10 @@ def frame() -> pl.DataFrame:
 
 
 def test_all_is_honest():
+    assert set(loader.__all__) == set(loader._EXPORTS)
     for name in loader.__all__:
         assert hasattr(loader, name), name
-    public = {n for n in dir(loader) if not n.startswith("_") and not isinstance(getattr(loader, n), type(loader))}
+    public = {n for n in dir(loader) if not n.startswith("_") and not isinstance(getattr(loader, n), types.ModuleType)}
     assert public <= set(loader.__all__)
 
 

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from conftest import run_cli, summary_of
+
+from loader.cli import POLARS_ALLOCATOR, POLARS_ALLOCATOR_VARIABLE
 
 ROWS = [
     ["2024-01-02", "T1", "Payroll", "100.50", "USD", "DR"],
@@ -129,3 +134,28 @@ def test_json_logs_one_object_per_event(make_pipeline):
     assert (end["total"], end["successful"], end["failed"], end["exit_code"]) == (3, 2, 1, 0)
     confirmed = [e for e in events if e["event"] == "chunk_confirmed"]
     assert all(isinstance(e["bulk_request_id"], int) and len(e["idempotency_key"]) == 40 for e in confirmed)
+
+
+def _python(code: str, env: dict | None = None) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_importing_loader_or_its_command_loads_neither_polars_nor_duckdb():
+    # The command sets up Polars' allocator before Polars loads: that needs both imports light.
+    loaded = _python("import sys, loader, loader.cli; print(sorted({'polars', 'duckdb'} & set(sys.modules)))")
+    assert loaded == "[]"
+    # The public names still resolve (to the functions, not to the modules of the same name).
+    kinds = _python("import loader.run, loader; print(type(loader.run).__name__, type(loader.validate).__name__, "
+                    "type(loader.reconcile).__name__, loader.Report.__name__)")
+    assert kinds == "function function function Report"
+
+
+def test_the_command_sets_polars_allocator_unless_the_user_did_or_polars_is_loaded():
+    env = {k: v for k, v in os.environ.items() if k != POLARS_ALLOCATOR_VARIABLE}
+    show = f"import os; from loader import cli; cli.prepare_process(); print(os.environ.get({POLARS_ALLOCATOR_VARIABLE!r}))"
+    assert _python(show, env) == POLARS_ALLOCATOR
+    assert _python(show, {**env, POLARS_ALLOCATOR_VARIABLE: "narenas:2"}) == "narenas:2"
+    # Polars, once loaded, has set its own value; the command leaves it.
+    assert _python("import polars; " + show, env) not in ("None", POLARS_ALLOCATOR)

@@ -291,21 +291,28 @@ def cache_sync(pipeline_file: str, var: tuple[str, ...], as_json: bool) -> None:
 
 
 # Polars' allocator (its own jemalloc, configured by this variable) as jemalloc ships it:
-# freed pages kept for 10 s, handed back by a background thread. Polars' own setting hands
-# them back within moments, and a run then faults most of them in again: 3.4 million page
-# faults in a 10M-row run instead of 2.0 million, and 15% more CPU (docs/benchmarks.md).
+# freed pages kept for 10 s, handed back by a background thread. With Polars' setting
+# (`import polars` writes POLARS_OWN_ALLOCATOR when the variable is unset) freed pages go back
+# within a second, and a run faults most of them in again: 3.4 million page faults in a
+# 10M-row run instead of 2.0 million, and 15% more CPU (docs/benchmarks.md).
 POLARS_ALLOCATOR_VARIABLE = "_RJEM_MALLOC_CONF"
 POLARS_ALLOCATOR = "background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:0"
+POLARS_OWN_ALLOCATOR = "dirty_decay_ms:500,muzzy_decay_ms:1000"
 
 
 def prepare_process() -> None:
     """Set up Polars' allocator (POLARS_ALLOCATOR) while Polars is not loaded yet.
 
-    A value the user set wins. This is the command's choice for its own process: the library
-    never sets it, as it may load after Polars and the process is its caller's.
+    A value the user set wins. Polars' own value does not count as the user's: a parent
+    process that imported Polars (a scheduler, a notebook, a test) passes it on to the
+    command. This is the command's choice for its own process: the library never sets it,
+    as it may load after Polars, in a process that is its caller's.
     """
-    if "polars" not in sys.modules:
-        os.environ.setdefault(POLARS_ALLOCATOR_VARIABLE, POLARS_ALLOCATOR)
+    if "polars" in sys.modules:
+        return
+    current = os.environ.get(POLARS_ALLOCATOR_VARIABLE, "")
+    if set(filter(None, current.split(","))) <= set(POLARS_OWN_ALLOCATOR.split(",")):
+        os.environ[POLARS_ALLOCATOR_VARIABLE] = POLARS_ALLOCATOR
 
 
 def entry() -> None:

@@ -112,19 +112,20 @@ class SourceDeduper:
         has_id = pl.col("external_id").is_not_null()
         earlier = self._seen(keyed.filter(has_id).select(KEY))
         # Id-less keys are unique by construction (occurrence numbers), so this only catches ids.
-        repeated = ~pl.struct(KEY).is_first_distinct()
+        is_duplicate = keyed.select(~pl.struct(KEY).is_first_distinct()).to_series()
         if earlier.height:
-            repeated = repeated | pl.struct(KEY).is_in(earlier.select(pl.struct(KEY)).to_series().implode())
-        is_duplicate = keyed.select(repeated).to_series()
+            is_duplicate = is_duplicate | _key_in(keyed, earlier)
         unique = keyed.filter(~is_duplicate)
         firsts = unique.select(*KEY, SOURCE_FILE, SOURCE_ROW, "external_id").filter(has_id).drop("external_id")
         self._remember(firsts)
         duplicates = keyed.filter(is_duplicate)
         if duplicates.height:
-            # Name the first occurrence: from an earlier batch, else from this one.
+            # Name the first occurrence: from an earlier batch, else from this one (of this
+            # batch's firsts, only those sharing a duplicate's key_hi are joined).
+            firsts_here = firsts.filter(pl.col("key_hi").is_in(duplicates.get_column("key_hi").implode()))
             duplicates = duplicates.join(
-                pl.concat([earlier, firsts]).rename({SOURCE_FILE: "_first_file", SOURCE_ROW: "_first_row"}), on=KEY, how="left",
-                maintain_order="left",
+                pl.concat([earlier, firsts_here]).rename({SOURCE_FILE: "_first_file", SOURCE_ROW: "_first_row"}),
+                on=KEY, how="left", maintain_order="left",
             ).with_columns(
                 pl.format("same data_stream_key and external_id as {} row {}", pl.col("_first_file"),
                           pl.col("_first_row")).alias("reason")
@@ -235,6 +236,14 @@ class SourceDeduper:
     def close(self) -> None:
         self.con.close()
         shutil.rmtree(self._spill, ignore_errors=True)
+
+
+def _key_in(frame: pl.DataFrame, keys: pl.DataFrame) -> pl.Series:
+    """Whether each row's key (KEY) is one of `keys`'. The few rows whose key_hi matches are
+    compared on the whole key; hashing every row's two halves cost more than the rest of a lookup."""
+    candidates = frame.select(pl.arg_where(pl.col("key_hi").is_in(keys.get_column("key_hi").implode()))).to_series()
+    found = frame[candidates].select(pl.struct(KEY).is_in(keys.select(pl.struct(KEY)).to_series().implode())).to_series()
+    return pl.repeat(False, frame.height, dtype=pl.Boolean, eager=True).scatter(candidates, found)
 
 
 def _host_prefix() -> str:

@@ -239,8 +239,8 @@ class SourceDeduper:
 
 
 def _key_in(frame: pl.DataFrame, keys: pl.DataFrame) -> pl.Series:
-    """Whether each row's key (KEY) is one of `keys`'. The few rows whose key_hi matches are
-    compared on the whole key; hashing every row's two halves cost more than the rest of a lookup."""
+    """Whether each row's key (KEY) is among `keys`. Only the few rows whose key_hi matches are
+    compared on the whole key: hashing every row's two halves cost more than the rest of a lookup."""
     candidates = frame.select(pl.arg_where(pl.col("key_hi").is_in(keys.get_column("key_hi").implode()))).to_series()
     found = frame[candidates].select(pl.struct(KEY).is_in(keys.select(pl.struct(KEY)).to_series().implode())).to_series()
     return pl.repeat(False, frame.height, dtype=pl.Boolean, eager=True).scatter(candidates, found)

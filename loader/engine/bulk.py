@@ -86,7 +86,7 @@ _CHECKED = f"""
 # in this application and held by no record cannot conflict. Only the rows
 # whose hash is claimed twice, or held already, are compared by their
 # strings, so a hash that two keys share only adds a candidate, never a
-# conflict. (Grouping every row by its two strings took 4x as long.)
+# conflict. (Grouping every row by its two strings took three times as long.)
 _OUTCOME = f"""
     CREATE OR REPLACE TEMP TABLE _outcome AS
     WITH checked AS ({_CHECKED}),

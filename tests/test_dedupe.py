@@ -7,7 +7,7 @@ import datetime as dt
 import polars as pl
 
 from loader.chunk import plan_chunks
-from loader.dedupe import KEY, SourceDeduper
+from loader.dedupe import KEY, SourceDeduper, _key_in
 
 
 def valid_rows(ids: list[str | None], *, file: str = "a.csv", start: int = 0, amount: int = 100) -> pl.DataFrame:
@@ -106,8 +106,6 @@ def test_scratch_tables_moved_to_a_file_keep_every_key_seen(tmp_path, monkeypatc
 
 
 def test_a_key_is_found_by_both_halves_not_by_its_upper_half_alone():
-    from loader.dedupe import _key_in
-
     frame = pl.DataFrame({"key_hi": [1, 1, 2, 3], "key_lo": [10, 11, 20, 30]}, schema={k: pl.UInt64 for k in KEY})
     keys = pl.DataFrame({"key_hi": [1, 3], "key_lo": [10, 31]}, schema={k: pl.UInt64 for k in KEY})
     assert _key_in(frame, keys).to_list() == [True, False, False, False]
